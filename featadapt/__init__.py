@@ -1,0 +1,33 @@
+"""featadapt: fused kernels for feature-space fine-tuning (VeFA, LoRFA) and the LoRA baseline."""
+
+from .adapter_files import load_adapters, save_adapters
+from .model import (
+    inject,
+    merge_adapters,
+    print_trainable_parameters,
+    trainable_parameters,
+    unload,
+    unmerge_adapters,
+)
+from .nn import LoRALinear, LoRFALinear, VeFALinear
+from .ops import BackendUnavailableError, lora_linear, lorfa_linear, vefa_linear
+from .version import __version__
+
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "LoRALinear",
+    "LoRFALinear",
+    "VeFALinear",
+    "inject",
+    "load_adapters",
+    "lora_linear",
+    "lorfa_linear",
+    "merge_adapters",
+    "print_trainable_parameters",
+    "save_adapters",
+    "trainable_parameters",
+    "unload",
+    "unmerge_adapters",
+    "vefa_linear",
+]

@@ -1,0 +1,157 @@
+"""Adapter files: the adapter tensors in safetensors plus a JSON config.
+
+A directory holds `adapters.safetensors` (one tensor per adapter parameter,
+keyed "<module name>.<parameter>") and `adapter_config.json` (method,
+hyper-parameters, targets, featadapt version). Each file is written to a
+temporary file in the same directory and renamed into place, so a crash never
+leaves a half-written file behind.
+"""
+
+import json
+import os
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .model import adapter_class, adapter_layers, freeze_all_but_adapters, replace_module
+from .nn import AdapterLinear
+from .version import __version__
+
+WEIGHTS_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+FORMAT = "featadapt-adapters"
+FORMAT_VERSION = 1
+
+
+def _write_atomically(path, write):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _module_spec(layer):
+    return {"method": layer.method, **layer.config()}
+
+
+def save_adapters(model, path):
+    """Save every adapter of `model` into the directory `path` (created if missing)."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("save_adapters: the model has no adapter layers; call featadapt.inject first")
+    os.makedirs(path, exist_ok=True)
+    tensors = {
+        f"{name}.{pname}": param.detach().to("cpu").contiguous()
+        for name, layer in layers
+        for pname, param in layer.named_parameters(recurse=False)
+    }
+    methods = sorted({layer.method for _, layer in layers})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "featadapt_version": __version__,
+        "method": methods[0] if len(methods) == 1 else "mixed",
+        "targets": [name for name, _ in layers],
+        "modules": {name: _module_spec(layer) for name, layer in layers},
+    }
+    _write_atomically(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+
+    def write_config(tmp):
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+
+    _write_atomically(os.path.join(path, CONFIG_FILE), write_config)
+
+
+def read_adapter_config(path):
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"load_adapters: no {CONFIG_FILE} in {path!r}")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"load_adapters: {config_path!r} is not a featadapt adapter config of format version "
+            f"{FORMAT_VERSION} (format={config.get('format')!r}, version={config.get('format_version')!r})"
+        )
+    return config
+
+
+def _layer_for(model_modules, name, spec, backend):
+    """The adapter layer that will receive module `name`'s tensors: the model's
+    own, or a new one around its nn.Linear. Raises on any mismatch."""
+    module = model_modules.get(name)
+    if module is None:
+        raise ValueError(f"load_adapters: the adapter file has module {name!r}, which the model does not have")
+    method = spec["method"]
+    options = {k: v for k, v in spec.items() if k != "method"}
+    if isinstance(module, AdapterLinear):
+        if module.method != method or module.config() != options:
+            raise ValueError(
+                f"load_adapters: module {name!r} has a {module.method} adapter with {module.config()}, "
+                f"the file a {method} adapter with {options}"
+            )
+        return module
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"load_adapters: module {name!r} is a {type(module).__name__}, not an nn.Linear")
+    return adapter_class(method)(module, **options, backend=backend)
+
+
+def load_adapters(model, path, *, backend=None):
+    """Load adapters saved by `save_adapters` into `model`, in place.
+
+    Modules that are plain nn.Linear layers get the saved adapter injected
+    (computing with `backend`, automatic by default); modules that already
+    carry one must match its method and hyper-parameters. Every check runs
+    before anything is changed. Returns the loaded names.
+    """
+    config = read_adapter_config(path)
+    tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+    model_modules = dict(model.named_modules())
+    plan = [(name, _layer_for(model_modules, name, spec, backend)) for name, spec in config["modules"].items()]
+
+    in_file = set(config["modules"])
+    not_in_file = [name for name, _ in adapter_layers(model) if name not in in_file]
+    if not_in_file:
+        raise ValueError(f"load_adapters: the model has adapters the file does not: {', '.join(not_in_file)}")
+    for name, layer in plan:
+        expected = {f"{name}.{pname}": param for pname, param in layer.named_parameters(recurse=False)}
+        saved = {key for key in tensors if key.rpartition(".")[0] == name}
+        if saved != set(expected):
+            raise ValueError(
+                f"load_adapters: module {name!r}: the file has tensors {sorted(saved)}, the adapter needs {sorted(expected)}"
+            )
+        for key, param in expected.items():
+            if tensors[key].shape != param.shape:
+                raise ValueError(
+                    f"load_adapters: module {name!r}: {key.rpartition('.')[2]} has shape {tuple(param.shape)} "
+                    f"in the model but {tuple(tensors[key].shape)} in the file"
+                )
+
+    injected = False
+    for name, layer in plan:
+        if model_modules[name] is not layer:
+            replace_module(model, name, layer)
+            injected = True
+        was_merged = layer.merged
+        if was_merged:
+            layer.unmerge()
+        with torch.no_grad():
+            for pname, param in layer.named_parameters(recurse=False):
+                param.copy_(tensors[f"{name}.{pname}"])
+        if was_merged:
+            layer.merge()
+    if injected:
+        freeze_all_but_adapters(model)
+    return [name for name, _ in plan]

@@ -1,0 +1,157 @@
+"""Model-level helpers: put adapters into a model, count, merge and take them out."""
+
+import inspect
+import re
+
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from .nn import ADAPTER_CLASSES, AdapterLinear
+
+ALL_LINEAR = "all-linear"
+
+
+def adapter_class(method):
+    try:
+        return ADAPTER_CLASSES[method]
+    except (KeyError, TypeError):
+        known = ", ".join(repr(m) for m in ADAPTER_CLASSES)
+        raise ValueError(f"unknown method {method!r}; expected one of: {known}") from None
+
+
+def adapter_layers(model):
+    """(name, layer) for every adapter layer in the model."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLinear)]
+
+
+def _output_head(model, linears):
+    """The layer "all-linear" leaves alone: the model's output embeddings when it
+    declares them (transformers models do), otherwise its last nn.Linear."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        head = get_output()
+        if head is not None:
+            return head
+    return linears[-1][1] if linears else None
+
+
+def _selects(target_modules, name):
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == suffix or name.endswith("." + suffix) for suffix in target_modules)
+
+
+def _inside_adapter(name, adapter_names):
+    return any(name.startswith(prefix + ".") for prefix in adapter_names)
+
+
+def _matching_modules(model, target_modules):
+    adapted = {name for name, _ in adapter_layers(model)}
+    modules = [(n, m) for n, m in model.named_modules() if n and not _inside_adapter(n, adapted)]
+    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
+        linears = [(n, m) for n, m in modules if type(m) is nn.Linear]
+        head = _output_head(model, linears)
+        return [(n, m) for n, m in linears if m is not head]
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not all(isinstance(t, str) for t in target_modules):
+            raise TypeError(f"target_modules must be a regex string or a list of name suffixes, got {target_modules!r}")
+    matched = [(n, m) for n, m in modules if _selects(target_modules, n)]
+    for name, module in matched:
+        if isinstance(module, AdapterLinear):
+            raise ValueError(f"module {name!r} already has a {module.method} adapter")
+        if isinstance(module, NonDynamicallyQuantizableLinear):
+            raise TypeError(
+                f"module {name!r} is the output projection of an nn.MultiheadAttention, which reads "
+                "its weight directly and would bypass an adapter"
+            )
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"module {name!r} matched target_modules={target_modules!r} but is a "
+                f"{type(module).__name__}, not an nn.Linear"
+            )
+    return matched
+
+
+def _check_config(method, config):
+    cls = adapter_class(method)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "base_layer")]
+    unknown = sorted(set(config) - set(accepted))
+    if unknown:
+        raise TypeError(f"method {method!r} takes the options {', '.join(accepted)}; got unexpected {', '.join(unknown)}")
+    return cls
+
+
+def replace_module(model, name, new_module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new_module)
+
+
+def freeze_all_but_adapters(model):
+    """Only adapter parameters train: the base layers and everything else are frozen."""
+    model.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        for param in layer.parameters(recurse=False):
+            param.requires_grad_(True)
+
+
+def inject(model, method, target_modules=ALL_LINEAR, **config):
+    """Wrap the selected nn.Linear layers of `model` in `method`'s adapter, in place.
+
+    method: "vefa", "lorfa" or "lora". target_modules: "all-linear" (every
+    nn.Linear but the output head), a list of module-name suffixes, or a regex
+    matched against the full module name. config goes to the adapter class
+    (e.g. r=8, alpha=16 for LoRA/LoRFA; shift=True for VeFA).
+    Freezes everything that is not an adapter; returns the replaced names.
+    """
+    cls = _check_config(method, config)
+    matched = _matching_modules(model, target_modules)
+    if not matched:
+        raise ValueError(f"inject: no nn.Linear module matched target_modules={target_modules!r}")
+    for name, module in matched:
+        replace_module(model, name, cls(module, **config))
+    freeze_all_but_adapters(model)
+    return [name for name, _ in matched]
+
+
+def trainable_parameters(model):
+    """(trainable, total) parameter counts."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model):
+    trainable, total = trainable_parameters(model)
+    share = 100.0 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
+
+
+def merge_adapters(model):
+    for _, layer in adapter_layers(model):
+        if not layer.merged:
+            layer.merge()
+    return model
+
+
+def unmerge_adapters(model):
+    for _, layer in adapter_layers(model):
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+def unload(model, merge=True):
+    """Replace every adapter layer by its plain nn.Linear: merged (merge=True)
+    or with the original pretrained weight (merge=False). Returns the model."""
+    for name, layer in adapter_layers(model):
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        replace_module(model, name, layer.base_layer)
+    return model

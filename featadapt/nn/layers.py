@@ -1,0 +1,276 @@
+"""VeFALinear, LoRFALinear and LoRALinear: a frozen nn.Linear plus an adapter.
+
+Each starts exactly equal to its base layer. `merge()` folds the adapter into
+the base weight for zero-overhead inference; `unmerge()` restores the original
+weight bit-exactly from a copy kept while merged (dividing by the scale, or
+subtracting the delta, would not be exact in floating point).
+"""
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+
+from ..ops import lora_linear, lorfa_linear, vefa_linear
+from ..ops.validation import check_dropout
+
+
+def _adapter_dtype(base_weight, dtype):
+    """Adapters default to float32 on half-precision layers, else the layer's dtype."""
+    if dtype is not None:
+        return dtype
+    if base_weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_weight.dtype
+
+
+def _wide_dtype(*tensors):
+    """float32, or float64 when any tensor is: the dtype merges are computed in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class AdapterLinear(nn.Module):
+    """Shared machinery: the frozen base layer, merge state and the weight views.
+
+    Subclasses set `method`, create their parameters, and implement
+    `_adapted_forward(x)`, `_merged_weight(w0)`, `_merged_bias(w0, b0)` and
+    `config()` (the keyword arguments that rebuild them).
+    """
+
+    method = None
+
+    def __init__(self, base_layer, *, backend=None):
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(
+                f"{type(self).__name__}: base_layer must be an nn.Linear, got {type(base_layer).__name__}"
+            )
+        super().__init__()
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.backend = backend
+        self.merged = False
+        # Kept only while merged, so that unmerge() is exact.
+        self.register_buffer("weight_before_merge", None, persistent=False)
+        self.register_buffer("bias_before_merge", None, persistent=False)
+        self._bias_created_by_merge = False
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def _adapter_kwargs(self, base_layer, dtype):
+        return {"device": base_layer.weight.device, "dtype": _adapter_dtype(base_layer.weight, dtype)}
+
+    def forward(self, x):
+        if self.merged:
+            return self.base_layer(x)
+        return self._adapted_forward(x)
+
+    # -- weights -----------------------------------------------------------
+
+    def original_weight(self):
+        """The pretrained weight W0, whether or not the adapter is merged."""
+        return self.weight_before_merge if self.merged else self.base_layer.weight
+
+    def original_bias(self):
+        """The pretrained bias (None if the base layer had none), merged or not."""
+        if self._bias_created_by_merge:
+            return None
+        if self.bias_before_merge is not None:
+            return self.bias_before_merge
+        return self.base_layer.bias
+
+    @torch.no_grad()
+    def effective_weight(self):
+        """The weight the adapted layer computes with, in float32 (float64 for float64 layers)."""
+        return self._merged_weight(self.original_weight())
+
+    @torch.no_grad()
+    def delta_weight(self):
+        """effective_weight() − W0, in float32 (float64 for float64 layers)."""
+        w0 = self.original_weight()
+        merged = self._merged_weight(w0)
+        return merged - w0.to(merged.dtype)
+
+    @torch.no_grad()
+    def effective_bias(self):
+        """The bias the adapted layer adds (None if it adds none)."""
+        b0 = self.original_bias()
+        merged = self._merged_bias(self.original_weight(), b0)
+        return b0 if merged is None else merged
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the adapter into the base layer's weight (and bias)."""
+        if self.merged:
+            warnings.warn(f"{type(self).__name__}.merge(): already merged; nothing to do", stacklevel=2)
+            return
+        base = self.base_layer
+        new_weight = self._merged_weight(base.weight)
+        new_bias = self._merged_bias(base.weight, base.bias)
+        self.weight_before_merge = base.weight.detach().clone()
+        base.weight.copy_(new_weight)
+        if new_bias is not None:
+            if base.bias is None:
+                base.bias = nn.Parameter(new_bias.to(base.weight.dtype), requires_grad=False)
+                self._bias_created_by_merge = True
+            else:
+                self.bias_before_merge = base.bias.detach().clone()
+                base.bias.copy_(new_bias)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Restore the base layer's original weight and bias, bit for bit."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__}.unmerge(): not merged; nothing to do", stacklevel=2)
+            return
+        base = self.base_layer
+        base.weight.copy_(self.weight_before_merge)
+        if self._bias_created_by_merge:
+            base.bias = None
+        elif self.bias_before_merge is not None:
+            base.bias.copy_(self.bias_before_merge)
+        self.weight_before_merge = None
+        self.bias_before_merge = None
+        self._bias_created_by_merge = False
+        self.merged = False
+
+    def _merged_bias(self, w0, b0):
+        return None  # only VeFA's shift changes the bias
+
+    def extra_repr(self):
+        options = ", ".join(f"{k}={v}" for k, v in self.config().items())
+        return (
+            f"method={self.method}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"{options}, merged={self.merged}"
+        )
+
+
+class VeFALinear(AdapterLinear):
+    """VeFA: ``y = base((x ⊙ scale + shift))``; scale starts at 1, shift at 0.
+
+    The effective weight ``W0 · diag(scale)`` stays in W0's column space.
+    """
+
+    method = "vefa"
+
+    def __init__(self, base_layer, *, shift=False, backend=None, dtype=None):
+        super().__init__(base_layer, backend=backend)
+        kwargs = self._adapter_kwargs(base_layer, dtype)
+        self.scale = nn.Parameter(torch.ones(base_layer.in_features, **kwargs))
+        self.shift = nn.Parameter(torch.zeros(base_layer.in_features, **kwargs)) if shift else None
+
+    def config(self):
+        return {"shift": self.shift is not None}
+
+    def _adapted_forward(self, x):
+        base = self.base_layer
+        return vefa_linear(x, base.weight, self.scale, base.bias, self.shift, backend=self.backend)
+
+    def _merged_weight(self, w0):
+        dtype = _wide_dtype(w0, self.scale)
+        return w0.to(dtype) * self.scale.to(dtype)
+
+    def _merged_bias(self, w0, b0):
+        if self.shift is None:
+            return None
+        dtype = _wide_dtype(w0, self.shift)
+        shifted = w0.to(dtype) @ self.shift.to(dtype)
+        return shifted if b0 is None else b0.to(dtype) + shifted
+
+
+class _LowRankLinear(AdapterLinear):
+    """r, alpha, dropout and rslora, shared by LoRA and LoRFA."""
+
+    def __init__(self, base_layer, r, alpha, dropout, rslora, b_rows_from, backend, dtype):
+        name = type(self).__name__
+        super().__init__(base_layer, backend=backend)
+        k = base_layer.in_features
+        b_rows = getattr(base_layer, b_rows_from)
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= k:
+            raise ValueError(f"{name}: r must be an integer in [1, in_features={k}], got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"{name}: alpha must be a finite real number, got {alpha!r}")
+        self.r = int(r)
+        self.alpha = alpha
+        self.dropout = check_dropout(name, "dropout", dropout)
+        self.rslora = bool(rslora)
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        kwargs = self._adapter_kwargs(base_layer, dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, k, **kwargs))
+        self.lora_B = nn.Parameter(torch.zeros(b_rows, r, **kwargs))
+        # As LoRA: A like nn.Linear's default init, B zero, so the layer starts unchanged.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def config(self):
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "rslora": self.rslora}
+
+    def _dropout_p(self):
+        return self.dropout if self.training else 0.0
+
+    def _factors(self, dtype):
+        return self.lora_A.to(dtype), self.lora_B.to(dtype)
+
+
+class LoRFALinear(_LowRankLinear):
+    """LoRFA: ``y = base(x + γ · dropout(x) Aᵀ Bᵀ)`` with B (in_features, r) starting at 0.
+
+    The effective weight ``W0 (I + γ B A)`` stays in W0's column space.
+    """
+
+    method = "lorfa"
+
+    def __init__(self, base_layer, r=8, alpha=16, dropout=0.0, rslora=False, *, backend=None, dtype=None):
+        super().__init__(base_layer, r, alpha, dropout, rslora, "in_features", backend, dtype)
+
+    def _adapted_forward(self, x):
+        base = self.base_layer
+        return lorfa_linear(
+            x, base.weight, self.lora_A, self.lora_B, base.bias,
+            scaling=self.scaling, dropout_p=self._dropout_p(), backend=self.backend,
+        )
+
+    def _merged_weight(self, w0):
+        dtype = _wide_dtype(w0, self.lora_A)
+        A, B = self._factors(dtype)
+        w0 = w0.to(dtype)
+        return w0 + self.scaling * ((w0 @ B) @ A)  # never forms the K×K matrix B A
+
+
+class LoRALinear(_LowRankLinear):
+    """LoRA (the baseline): ``y = base(x) + γ · dropout(x) Aᵀ Bᵀ`` with B (out_features, r) starting at 0."""
+
+    method = "lora"
+
+    def __init__(self, base_layer, r=8, alpha=16, dropout=0.0, rslora=False, *, backend=None, dtype=None):
+        super().__init__(base_layer, r, alpha, dropout, rslora, "out_features", backend, dtype)
+
+    def _adapted_forward(self, x):
+        base = self.base_layer
+        return lora_linear(
+            x, base.weight, self.lora_A, self.lora_B, base.bias,
+            scaling=self.scaling, dropout_p=self._dropout_p(), backend=self.backend,
+        )
+
+    def _merged_weight(self, w0):
+        dtype = _wide_dtype(w0, self.lora_A)
+        A, B = self._factors(dtype)
+        return w0.to(dtype) + self.scaling * (B @ A)
+
+
+ADAPTER_CLASSES = {cls.method: cls for cls in (VeFALinear, LoRFALinear, LoRALinear)}

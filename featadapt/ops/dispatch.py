@@ -1,0 +1,129 @@
+"""Backend registry and selection.
+
+A backend declares what it is, whether it can run on this machine at all
+(`unavailable_reason`) and why it cannot run a given call
+(`not_supported_reasons`); the kernel backends register themselves here.
+
+Selection: the `backend=` argument, else the FEATADAPT_BACKEND environment
+variable, else "auto". Auto takes the highest-priority backend that can run the
+call and falls back quietly; a backend asked for by name that cannot run the
+call raises BackendUnavailableError saying why.
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from . import reference, torch_backend
+
+ENV_VAR = "FEATADAPT_BACKEND"
+AUTO = "auto"
+OPS = ("vefa", "lorfa", "lora")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run this call (or this machine)."""
+
+
+def _always_available():
+    return None
+
+
+def _supports_everything(op, tensors):
+    return []
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    summary: str
+    # op name -> implementation taking x flattened to (M, K); see reference.py
+    ops: Dict[str, Callable]
+    # higher runs first under "auto"; None: only when asked for by name
+    auto_priority: Optional[int] = None
+    # () -> why this backend cannot run on this machine, or None
+    unavailable_reason: Callable[[], Optional[str]] = field(default=_always_available)
+    # (op, tensors of the call) -> reasons it cannot run this call; [] when it can
+    not_supported_reasons: Callable[[str, tuple], List[str]] = field(default=_supports_everything)
+
+    def reasons_against(self, op, tensors):
+        why = self.unavailable_reason()
+        if why is not None:
+            return [why]
+        if op not in self.ops:
+            return [f"it does not implement {op}"]
+        return list(self.not_supported_reasons(op, tensors))
+
+
+_BACKENDS: Dict[str, Backend] = {}
+
+
+def register_backend(backend):
+    if backend.name == AUTO or not backend.name.islower():
+        raise ValueError(f"backend name must be lower-case and not {AUTO!r}, got {backend.name!r}")
+    _BACKENDS[backend.name] = backend
+
+
+def backends():
+    """Every registered backend, in auto-selection order, then the by-name-only ones."""
+    return sorted(_BACKENDS.values(), key=lambda b: (b.auto_priority is None, -(b.auto_priority or 0), b.name))
+
+
+def get_backend(name):
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        known = ", ".join([AUTO] + sorted(_BACKENDS))
+        raise ValueError(f"unknown backend {name!r}; expected one of: {known}") from None
+
+
+def requested_backend_name(backend=None):
+    """The backend name in force for a call: the argument, else the environment, else auto."""
+    if backend is not None:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
+        return backend.strip().lower()
+    return os.environ.get(ENV_VAR, "").strip().lower() or AUTO
+
+
+def select_backend(op, tensors, backend=None):
+    name = requested_backend_name(backend)
+    if name == AUTO:
+        rejected = []
+        for candidate in backends():
+            if candidate.auto_priority is None:
+                continue
+            reasons = candidate.reasons_against(op, tensors)
+            if not reasons:
+                return candidate
+            rejected.append(f"{candidate.name}: {'; '.join(reasons)}")
+        raise BackendUnavailableError(f"no backend can run {op}: " + " | ".join(rejected))
+    chosen = get_backend(name)
+    reasons = chosen.reasons_against(op, tensors)
+    if reasons:
+        source = "backend=" if backend is not None else ENV_VAR
+        raise BackendUnavailableError(
+            f"backend {name!r} (from {source}) cannot run {op}: {'; '.join(reasons)}"
+        )
+    return chosen
+
+
+register_backend(
+    Backend(
+        name="reference",
+        summary="plain differentiable torch expressions; the test oracle",
+        ops={"vefa": reference.vefa_linear, "lorfa": reference.lorfa_linear, "lora": reference.lora_linear},
+    )
+)
+register_backend(
+    Backend(
+        name="torch",
+        summary="memory-lean autograd Functions on torch ops; any device",
+        ops={
+            "vefa": torch_backend.vefa_linear,
+            "lorfa": torch_backend.lorfa_linear,
+            "lora": torch_backend.lora_linear,
+        },
+        auto_priority=0,
+    )
+)

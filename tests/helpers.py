@@ -1,0 +1,160 @@
+"""Small helpers shared by the op tests: error measure, tolerances, inputs,
+calling an op by method name, and saved-activation accounting."""
+
+import math
+
+import torch
+
+import featadapt
+
+# Relative error allowed against the float64 reference (DESIGN.md §4).
+TOL = {
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+    torch.float64: 1e-12,
+}
+
+METHODS = ("vefa", "lorfa", "lora")
+PARAM_NAMES = {"vefa": ("scale", "shift"), "lorfa": ("lora_A", "lora_B"), "lora": ("lora_A", "lora_B")}
+OPS = {"vefa": featadapt.vefa_linear, "lorfa": featadapt.lorfa_linear, "lora": featadapt.lora_linear}
+
+
+def rel_err(out, ref):
+    """‖out − ref‖ / ‖ref‖ in float64; 0 for two empty tensors.
+
+    Any NaN or Inf (in out or in ref) gives inf, so it never passes a
+    tolerance. A zero reference gives 0 when out is zero too and inf otherwise.
+    """
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}"
+    out = out.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    if out.numel() == 0:
+        return 0.0
+    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
+        return math.inf
+    diff = (out - ref).norm().item()
+    scale = ref.norm().item()
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / scale
+
+
+def _noncontiguous_randn(shape, dtype):
+    """Random values in a transposed (non-contiguous) view of the given shape."""
+    if len(shape) < 2:
+        return torch.randn(shape, dtype=dtype)
+    base = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=dtype)
+    return base.transpose(-1, -2)
+
+
+def make_inputs(
+    method,
+    lead_shape,
+    k,
+    n,
+    r=4,
+    dtype=torch.float32,
+    param_dtype=None,
+    bias=True,
+    shift=True,
+    noncontiguous=False,
+    requires_grad=True,
+    train_base=False,
+):
+    """Fresh random inputs for `method`: a dict of x, weight, bias and the
+    method's parameters (scale, shift or lora_A, lora_B), none of them zero.
+
+    x has shape (*lead_shape, K) and `dtype`; weight and bias have x's dtype,
+    the adapter parameters `param_dtype` (default: x's). lora_B is non-zero so
+    the adapter path matters. x, scale, shift, lora_A, lora_B require grad when
+    `requires_grad`; weight and bias only when `train_base`.
+    """
+    param_dtype = param_dtype or dtype
+    shape = (*lead_shape, k)
+    # Draw in float32 (half-precision randn is not everywhere), then round.
+    x = (_noncontiguous_randn(shape, torch.float32) if noncontiguous else torch.randn(shape)).to(dtype)
+    t = {
+        "x": x,
+        "weight": (torch.randn(n, k) / math.sqrt(k)).to(dtype),
+        "bias": (0.5 * torch.randn(n)).to(dtype) if bias else None,
+    }
+    if method == "vefa":
+        t["scale"] = (1.0 + 0.5 * torch.randn(k)).to(param_dtype)
+        t["shift"] = (0.3 * torch.randn(k)).to(param_dtype) if shift else None
+    else:
+        b_rows = k if method == "lorfa" else n
+        t["lora_A"] = (torch.randn(r, k) / math.sqrt(k)).to(param_dtype)
+        t["lora_B"] = (0.1 * torch.randn(b_rows, r) + 0.05).to(param_dtype)
+    for name, value in t.items():
+        if value is None:
+            continue
+        wants = train_base if name in ("weight", "bias") else requires_grad
+        if wants:
+            if name == "x" and noncontiguous:
+                # Keep x a non-contiguous view of a leaf that requires grad.
+                value.requires_grad_(False)
+                leaf = value.detach().transpose(-1, -2).clone().requires_grad_(True)
+                t[name] = leaf.transpose(-1, -2)
+            else:
+                value.requires_grad_(True)
+    if noncontiguous and x.dim() >= 2 and x.shape[-1] > 1 and x.shape[-2] > 1:
+        assert not t["x"].is_contiguous()
+    return t
+
+
+def to_float64(t):
+    """float64 copies of every tensor in `t`, each a leaf requiring grad as the original did."""
+    out = {}
+    for name, value in t.items():
+        if value is None:
+            out[name] = None
+        else:
+            out[name] = value.detach().to(torch.float64).requires_grad_(value.requires_grad)
+    return out
+
+
+def call_op(method, t, backend=None, scaling=0.75, dropout_p=0.0):
+    """Run `method`'s functional op on the inputs `t` (from make_inputs)."""
+    if method == "vefa":
+        return featadapt.vefa_linear(t["x"], t["weight"], t["scale"], t["bias"], t["shift"], backend=backend)
+    return OPS[method](
+        t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"],
+        scaling=scaling, dropout_p=dropout_p, backend=backend,
+    )
+
+
+def grad_names(t):
+    """Names of the inputs in `t` that require grad, in a fixed order."""
+    return [name for name, value in t.items() if value is not None and value.requires_grad]
+
+
+def gradients(y, dy, t):
+    """{name: gradient of <y, dy>} for every input of `t` that requires grad."""
+    names = grad_names(t)
+    grads = torch.autograd.grad(y, [t[name] for name in names], dy, allow_unused=False)
+    return dict(zip(names, grads))
+
+
+def _storage_key(t):
+    return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def saved_activation_bytes(fn, params):
+    """Bytes of the tensors autograd saves while running fn(), leaving out the
+    given parameter tensors (anything sharing a data_ptr with one of them).
+
+    Each distinct saved view is counted once, as numel * element_size.
+    """
+    param_ptrs = {p.data_ptr() for p in params if p is not None and p.numel() > 0}
+    seen = {}
+
+    def pack(tensor):
+        if tensor.numel() > 0 and tensor.data_ptr() not in param_ptrs:
+            seen[_storage_key(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    del out
+    return sum(seen.values())

@@ -1,0 +1,34 @@
+"""The README's usage example runs as written."""
+
+import pathlib
+import re
+
+import torch
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_usage_example_runs(tmp_path, monkeypatch):
+    example = python_blocks()[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    plain = namespace["plain"]
+    assert all(type(m) in (torch.nn.Linear, torch.nn.GELU) for m in plain)
+    assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+
+
+def test_functional_signatures_match_the_code():
+    import inspect
+
+    import featadapt
+
+    block = python_blocks()[1]
+    for name in ("vefa_linear", "lorfa_linear", "lora_linear"):
+        documented = re.search(rf"featadapt\.{name}(\(.*?\))", block).group(1)
+        actual = str(inspect.signature(getattr(featadapt, name)))
+        assert documented == actual, (name, documented, actual)
