@@ -8,13 +8,29 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.14.1
 STAMP := $(VENV)/.featadapt-installed
 
-.PHONY: test demo setup clean
+.PHONY: test demo bench plot gpu-check setup clean
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
+
+# The benchmark set that fits this machine (gpu when CUDA is available, else
+# cpu); writes benchmarks/results/<device>.json and prints the summary table.
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider $(BENCH_ARGS)
+
+# PNG charts from every committed results file.
+plot: $(STAMP)
+	$(PY) -m pip install -e ".[bench]" --no-build-isolation -q
+	for f in benchmarks/results/*.json; do $(PY) benchmarks/plot.py $$f; done
+
+# On a machine with a GPU: the gpu tests, then the GPU benchmark set.
+gpu-check: $(STAMP)
+	$(PY) -m featadapt.info
+	$(PY) -m pytest tests -m gpu -v
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --bench-set gpu $(BENCH_ARGS)
 
 setup: $(STAMP)
 

@@ -45,7 +45,8 @@ def _inside_adapter(name, adapter_names):
     return any(name.startswith(prefix + ".") for prefix in adapter_names)
 
 
-def _matching_modules(model, target_modules):
+def matching_modules(model, target_modules):
+    """The (name, module) pairs `inject` would adapt for `target_modules`."""
     adapted = {name for name, _ in adapter_layers(model)}
     modules = [(n, m) for n, m in model.named_modules() if n and not _inside_adapter(n, adapted)]
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
@@ -106,7 +107,7 @@ def inject(model, method, target_modules=ALL_LINEAR, **config):
     Freezes everything that is not an adapter; returns the replaced names.
     """
     cls = _check_config(method, config)
-    matched = _matching_modules(model, target_modules)
+    matched = matching_modules(model, target_modules)
     if not matched:
         raise ValueError(f"inject: no nn.Linear module matched target_modules={target_modules!r}")
     for name, module in matched:

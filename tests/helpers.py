@@ -6,6 +6,7 @@ import math
 import torch
 
 import featadapt
+from featadapt.profiling import saved_activation_bytes  # noqa: F401  (re-exported for the tests)
 
 # Relative error allowed against the float64 reference (DESIGN.md §4).
 TOL = {
@@ -136,25 +137,38 @@ def gradients(y, dy, t):
     return dict(zip(names, grads))
 
 
-def _storage_key(t):
-    return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+def check_against_float64_reference(method, backend, t, scaling=0.75, dropout_p=0.0, seed=1234):
+    """Forward and every gradient of `backend` on `t` against the reference
+    backend on float64 copies of `t`, within TOL of x's dtype."""
+    x = t["x"]
+    n = t["weight"].shape[0]
+    tol = TOL[x.dtype]
+
+    torch.manual_seed(seed)
+    y = call_op(method, t, backend, scaling=scaling, dropout_p=dropout_p)
+    t64 = to_float64(t)
+    torch.manual_seed(seed)
+    y64 = call_op(method, t64, "reference", scaling=scaling, dropout_p=dropout_p)
+
+    assert y.dtype == x.dtype
+    assert y.shape == (*x.shape[:-1], n)
+    err = rel_err(y, y64)
+    assert err <= tol, f"forward: relative error {err:.3g} > {tol:g}"
+
+    dy = torch.randn(y.shape, device=y.device).to(y.dtype)
+    grads = gradients(y, dy, t)
+    grads64 = gradients(y64, dy.to(torch.float64), t64)
+    assert set(grads) >= {"x", *(p for p in PARAM_NAMES[method] if t[p] is not None)}
+    for name, grad in grads.items():
+        assert grad.dtype == t[name].dtype, f"d{name} has dtype {grad.dtype}, {name} has {t[name].dtype}"
+        assert grad.shape == t[name].shape
+        err = rel_err(grad, grads64[name])
+        assert err <= tol, f"d{name}: relative error {err:.3g} > {tol:g}"
 
 
-def saved_activation_bytes(fn, params):
-    """Bytes of the tensors autograd saves while running fn(), leaving out the
-    given parameter tensors (anything sharing a data_ptr with one of them).
-
-    Each distinct saved view is counted once, as numel * element_size.
-    """
-    param_ptrs = {p.data_ptr() for p in params if p is not None and p.numel() > 0}
-    seen = {}
-
-    def pack(tensor):
-        if tensor.numel() > 0 and tensor.data_ptr() not in param_ptrs:
-            seen[_storage_key(tensor)] = tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = fn()
-    del out
-    return sum(seen.values())
+def to_device(t, device):
+    """Copies of the inputs `t` on `device`, each a leaf requiring grad as before."""
+    return {
+        name: None if value is None else value.detach().to(device).requires_grad_(value.requires_grad)
+        for name, value in t.items()
+    }

@@ -19,6 +19,7 @@ from helpers import (
     PARAM_NAMES,
     TOL,
     call_op,
+    check_against_float64_reference,
     gradients,
     make_inputs,
     rel_err,
@@ -50,35 +51,6 @@ ALL_PATHS = {
 
 
 # -- comparison against the float64 reference ----------------------------------
-
-
-def check_against_float64_reference(method, backend, t, scaling=0.75, dropout_p=0.0, seed=1234):
-    """Forward and every gradient of `backend` on `t` against the reference
-    backend on float64 copies of `t`, within TOL of x's dtype."""
-    x = t["x"]
-    n = t["weight"].shape[0]
-    tol = TOL[x.dtype]
-
-    torch.manual_seed(seed)
-    y = call_op(method, t, backend, scaling=scaling, dropout_p=dropout_p)
-    t64 = to_float64(t)
-    torch.manual_seed(seed)
-    y64 = call_op(method, t64, "reference", scaling=scaling, dropout_p=dropout_p)
-
-    assert y.dtype == x.dtype
-    assert y.shape == (*x.shape[:-1], n)
-    err = rel_err(y, y64)
-    assert err <= tol, f"forward: relative error {err:.3g} > {tol:g}"
-
-    dy = torch.randn(y.shape).to(y.dtype)
-    grads = gradients(y, dy, t)
-    grads64 = gradients(y64, dy.to(torch.float64), t64)
-    assert set(grads) >= {"x", *(p for p in PARAM_NAMES[method] if t[p] is not None)}
-    for name, grad in grads.items():
-        assert grad.dtype == t[name].dtype, f"d{name} has dtype {grad.dtype}, {name} has {t[name].dtype}"
-        assert grad.shape == t[name].shape
-        err = rel_err(grad, grads64[name])
-        assert err <= tol, f"d{name}: relative error {err:.3g} > {tol:g}"
 
 
 @dataclass(frozen=True)

@@ -75,12 +75,12 @@ class VeFAFunction(torch.autograd.Function):
         if need_x or need_scale or need_shift:
             g = dy @ weight  # gradient w.r.t. the scaled input x ⊙ s + t
             reduce_dtype = _reduction_dtype(x.dtype, scale.dtype)
-            if need_x:
-                dx = (g * scale).to(x.dtype)
             if need_scale:
                 dscale = (g * x).sum(0, dtype=reduce_dtype).to(scale.dtype)
             if need_shift:
                 dshift = g.sum(0, dtype=reduce_dtype).to(shift.dtype)
+            if need_x:
+                dx = g.mul_(scale)  # g is ours and no longer needed: scale it in place
         if need_weight:
             dweight = dy.T @ _scaled_input(x, scale, shift)
         if need_bias:
@@ -131,7 +131,8 @@ class LowRankFunction(torch.autograd.Function):
         if need_A:
             dA = du.T @ apply_dropout(x, p, seed)
         if need_x:
-            dx = g + apply_dropout(du @ A, p, seed)
+            # g is ours: add the low-rank term into it in place
+            dx = g.addmm_(du, A) if p == 0.0 else g.add_(apply_dropout(du @ A, p, seed))
         if need_weight:
             # ∂y/∂W0 = dyᵀ x for LoRA and dyᵀ x̃ for LoRFA
             x_in = x if form == LORA else torch.addmm(x, u, B.T, alpha=scaling)

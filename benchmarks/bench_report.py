@@ -1,0 +1,186 @@
+"""Collecting the figures of a run, deriving the ratios, writing the results
+file and printing the compact table."""
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+
+import torch
+
+import featadapt
+
+from bench_cases import PEER_OF
+
+# Targets for forward+backward time as a ratio to the floor (benchmarks issue):
+# on the CPU for the torch backend, on the GPU for every backend.
+TARGETS = {
+    "cpu": {"vefa": 1.05, "lora": 1.15, "lorfa": 1.20},
+    "cuda": {"vefa": 1.03, "lora": 1.08, "lorfa": 1.08},
+}
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def device_slug(name):
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_revision():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def environment(device, set_name):
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "bench_set": set_name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "featadapt_revision": git_revision(),
+        "featadapt": featadapt.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "peft": peft_version,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+class Results:
+    def __init__(self):
+        self.layers = []  # one dict per (layer, shape, dtype, rank, mode)
+        self.end_to_end = []  # one dict per (model, method)
+
+    def _floor(self, row):
+        for other in self.layers:
+            if other["layer"] == "floor" and all(other[k] == row[k] for k in ("shape", "dtype", "mode")):
+                return other
+        return None
+
+    def _peer(self, row):
+        peer = PEER_OF.get(row["method"]) if row["kind"] == "featadapt" else None
+        for other in self.layers:
+            if other["layer"] == peer and all(other[k] == row[k] for k in ("shape", "dtype", "mode", "rank")):
+                return other
+        return None
+
+    @staticmethod
+    def _ratio(a, b):
+        if b is None or a["median_s"] is None or b["median_s"] is None:
+            return None
+        return a["median_s"] / b["median_s"]
+
+    def finish(self, device_type):
+        """Fill in the ratios and the targets; returns the target rows."""
+        targets = []
+        for row in self.layers:
+            row["ratio_to_floor"] = self._ratio(row, self._floor(row))
+            peer = self._peer(row)
+            row["peer"] = peer["layer"] if peer else None
+            row["ratio_to_peer"] = self._ratio(row, peer)
+            limit = TARGETS.get(device_type, {}).get(row["method"])
+            applies = row["kind"] == "featadapt" and row["mode"] == "forward+backward" and limit is not None
+            if applies and (device_type == "cuda" or row["layer"].endswith("/torch")) and row["ratio_to_floor"] is not None:
+                met = row["ratio_to_floor"] <= limit and (row["ratio_to_peer"] is None or row["ratio_to_peer"] < 1.0)
+                targets.append({
+                    "case": case_label(row), "target_ratio_to_floor": limit, "ratio_to_floor": row["ratio_to_floor"],
+                    "ratio_to_peer": row["ratio_to_peer"], "peer": row["peer"], "met": met,
+                })
+        for row in self.end_to_end:
+            full = next((o for o in self.end_to_end if o["model"] == row["model"] and o["method"] == "full"), None)
+            ok = full is not None and row["tokens_per_s"] and full["tokens_per_s"]
+            row["speed_vs_full"] = row["tokens_per_s"] / full["tokens_per_s"] if ok else None
+        return targets
+
+    def write(self, path, env, targets):
+        """Write atomically: a temporary file in the same directory, renamed into place."""
+        payload = {"environment": env, "targets": targets, "layers": self.layers, "end_to_end": self.end_to_end}
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json.tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+def case_label(row):
+    m, k, n = row["shape"]
+    return f"{row['layer']} {row['mode']} {row['dtype']} M{m} K{k} N{n} r{row['rank']}"
+
+
+def _fmt(value, spec):
+    """format(value, spec), or a dash of the same width for a missing figure."""
+    if value is None:
+        width = spec.split(".")[0]
+        return "-".rjust(int(width)) if width.isdigit() else "-"
+    return format(value, spec)
+
+
+def table(results, targets):
+    lines = [f"{'case':<66} {'x floor':>8} {'x peer':>8} {'peer':<12} {'saved MiB':>9} {'saved/x':>7}"]
+    for row in results.layers:
+        lines.append(
+            f"{case_label(row):<66} {_fmt(row.get('ratio_to_floor'), '8.3f')} "
+            f"{_fmt(row.get('ratio_to_peer'), '8.3f')} {row.get('peer') or '':<12} "
+            f"{row['saved_bytes'] / 2**20:9.2f} {row['saved_bytes'] / row['x_bytes']:7.2f}"
+        )
+    if results.end_to_end:
+        lines.append("")
+        lines.append(f"{'end to end (training step)':<40} {'tokens/s':>10} {'x full FT':>10} {'peak MiB':>10}")
+        for row in results.end_to_end:
+            lines.append(
+                f"{row['model'] + ' ' + row['method']:<40} {_fmt(row['tokens_per_s'], '10.0f')} "
+                f"{_fmt(row.get('speed_vs_full'), '10.2f')} {_fmt(row['peak_bytes'] and row['peak_bytes'] / 2**20, '10.1f')}"
+            )
+    if targets:
+        lines.append("")
+        missed = [t for t in targets if not t["met"]]
+        lines.append(f"targets (forward+backward time / floor, and faster than the peer): {len(targets) - len(missed)} of {len(targets)} met")
+        for t in missed:
+            lines.append(
+                f"  MISSED {t['case']}: {t['ratio_to_floor']:.3f} x floor (target {t['target_ratio_to_floor']}), "
+                f"{_fmt(t['ratio_to_peer'], '.3f')} x {t['peer']}"
+            )
+    return "\n".join(lines)

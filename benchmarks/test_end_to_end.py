@@ -1,0 +1,118 @@
+"""End to end: one training step (forward, loss, backward, optimizer step) of a
+transformer with adapters on every linear layer but the head, against full
+fine-tuning and PEFT's IA3 and LoRA on the same model."""
+
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import featadapt
+from bench_cases import bench_device, peak_memory_bytes, synchronize
+from featadapt.model import matching_modules
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+METHODS = ("full", "vefa", "lorfa", "lora", "peft-ia3", "peft-lora")
+RANK = 16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: callable  # () -> model
+    batch: int
+    seq: int
+    causal: bool
+
+
+def _bert(hidden, layers, heads, intermediate, vocab=30522):
+    config = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, num_labels=2,
+    )
+    return lambda: transformers.BertForSequenceClassification(config)
+
+
+def _decoder(hidden, layers, heads, ffn, vocab=50272):
+    # GPT-2-medium's size in an architecture built of nn.Linear layers (GPT-2's
+    # own Conv1D layers are not adaptable yet).
+    config = transformers.OPTConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        ffn_dim=ffn, max_position_embeddings=1024, word_embed_proj_dim=hidden,
+    )
+    return lambda: transformers.OPTForCausalLM(config)
+
+
+MODELS = {
+    "tiny-bert": ModelSpec(_bert(32, 2, 4, 64, vocab=100), batch=2, seq=16, causal=False),
+    "minilm-l6": ModelSpec(_bert(384, 6, 12, 1536), batch=16, seq=64, causal=False),
+    "bert-base": ModelSpec(_bert(768, 12, 12, 3072), batch=32, seq=128, causal=False),
+    "gpt2-medium-size": ModelSpec(_decoder(1024, 24, 16, 4096), batch=8, seq=512, causal=True),
+}
+
+
+def generate_cases(metafunc, bench_set):
+    if "model_method" in metafunc.fixturenames:
+        cases = [(model, method) for model in bench_set.end_to_end for method in METHODS]
+        metafunc.parametrize("model_method", cases, ids=[f"{m}-{meth}" for m, meth in cases])
+
+
+def adapt(model, method):
+    """Adapters on every linear layer but the head (full: train everything)."""
+    if method == "full":
+        return model
+    if method in ("vefa", "lorfa", "lora"):
+        options = {} if method == "vefa" else {"r": RANK, "alpha": 2 * RANK}
+        featadapt.inject(model, method, **options)
+        return model
+    targets = [name for name, _ in matching_modules(model, "all-linear")]
+    if method == "peft-ia3":
+        config = peft.IA3Config(target_modules=targets, feedforward_modules=targets)
+    else:
+        config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets, lora_dropout=0.0)
+    return peft.get_peft_model(model, config)
+
+
+def test_training_step(benchmark, bench_set, bench_results, model_method):
+    model_name, method = model_method
+    spec = MODELS[model_name]
+    device = bench_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = adapt(spec.build().to(device=device, dtype=dtype), method)
+    model.train()
+    vocab = model.config.vocab_size
+    generator = torch.Generator(device=device).manual_seed(0)
+    input_ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device, generator=generator)
+    labels = input_ids if spec.causal else torch.randint(0, 2, (spec.batch,), device=device, generator=generator)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+
+    benchmark.group = f"end-to-end-{model_name}"
+    start = time.perf_counter()
+    step()  # the warm-up, and the estimate that sets the rounds
+    rounds = bench_set.rounds_for(time.perf_counter() - start)
+    benchmark.pedantic(step, rounds=rounds)
+    median = None if benchmark.disabled else benchmark.stats.stats.median
+    trainable, total = featadapt.trainable_parameters(model)
+    bench_results.end_to_end.append({
+        "model": model_name,
+        "method": method,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "trainable_params": trainable,
+        "total_params": total,
+        "median_s": median,
+        "rounds": rounds,
+        "tokens_per_s": None if median is None else spec.batch * spec.seq / median,
+        "peak_bytes": peak_memory_bytes(step, device),
+    })
