@@ -7,11 +7,11 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 
 import torch
 
 import featadapt
+from featadapt.fileio import write_atomically
 
 from bench_cases import PEER_OF
 
@@ -129,20 +129,15 @@ class Results:
         return targets
 
     def write(self, path, env, targets):
-        """Write atomically: a temporary file in the same directory, renamed into place."""
         payload = {"environment": env, "targets": targets, "layers": self.layers, "end_to_end": self.end_to_end}
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json.tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+        def dump(tmp):
+            with open(tmp, "w") as f:
                 json.dump(payload, f, indent=1)
                 f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+
+        write_atomically(path, dump)
 
 
 def case_label(row):

@@ -9,12 +9,12 @@ leaves a half-written file behind.
 
 import json
 import os
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .fileio import write_atomically
 from .model import adapter_class, adapter_layers, freeze_all_but_adapters, replace_module
 from .nn import AdapterLinear
 from .version import __version__
@@ -23,21 +23,6 @@ WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "featadapt-adapters"
 FORMAT_VERSION = 1
-
-
-def _write_atomically(path, write):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _module_spec(layer):
@@ -64,14 +49,14 @@ def save_adapters(model, path):
         "targets": [name for name, _ in layers],
         "modules": {name: _module_spec(layer) for name, layer in layers},
     }
-    _write_atomically(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_atomically(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
 
     def write_config(tmp):
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
 
-    _write_atomically(os.path.join(path, CONFIG_FILE), write_config)
+    write_atomically(os.path.join(path, CONFIG_FILE), write_config)
 
 
 def read_adapter_config(path):
