@@ -12,6 +12,9 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import featadapt
 from featadapt.ops.dispatch import backends
@@ -240,18 +243,33 @@ def flops(method, mode, shape, rank):
 # -- memory --------------------------------------------------------------------
 
 
-def _read_status_kib(field_name):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
+class _LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes of the tensor storages torch creates while active, and
+    their peak: each op's outputs are counted until their storage is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage -> (weak reference, bytes)
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref.cdata not in self.live:
+                    self.live[ref.cdata] = (ref, t.untyped_storage().nbytes())
+                    self.current += self.live[ref.cdata][1]
+        self.peak = max(self.peak, self.current)
+        return out
 
 
 def peak_memory_bytes(run, device):
-    """Peak memory one call of run() adds over what was in use before it:
-    torch.cuda.max_memory_allocated on GPU; on CPU, the peak resident set size
-    (Linux's VmHWM, reset through /proc/self/clear_refs). None where neither works."""
+    """Peak bytes of memory one call of run() allocates beyond what was in use
+    before it: torch.cuda.max_memory_allocated on GPU; on CPU, the tensors torch
+    creates during the call, tracked op by op (not usable on compiled code)."""
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -259,14 +277,9 @@ def peak_memory_bytes(run, device):
         run()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS to the current RSS
-        before = _read_status_kib("VmRSS")
+    with _LiveTensorBytes() as tracker:
         run()
-        return max(0, _read_status_kib("VmHWM") - before) * 1024
-    except (OSError, KeyError):
-        return None
+    return tracker.peak
 
 
 def saved_bytes(layer, x):
