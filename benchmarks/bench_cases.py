@@ -6,6 +6,8 @@ weights, and is fed the same random input, so its time divides by the floor's.
 """
 
 import math
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, List
 
@@ -47,6 +49,7 @@ class BenchSet:
     min_rounds: int
     max_rounds: int
     end_to_end: tuple  # model names from test_end_to_end.MODELS
+    with_reference: bool = False  # time the reference backend too (the oracle, not a fast path)
 
     def rounds_for(self, seconds_per_call):
         if seconds_per_call <= 0:
@@ -61,7 +64,7 @@ BENCH_SETS = {
     "tiny": BenchSet(
         cases=((Shape(64, 48, 40), torch.float32),), rank=4, rank_sweep=(2, 8), sweep_dtype=torch.float32,
         compile_dtypes=(torch.float32,), seconds_per_case=0.0, min_rounds=1, max_rounds=1,
-        end_to_end=("tiny-bert",),
+        end_to_end=("tiny-bert",), with_reference=True,
     ),
     # Under 5 minutes on the 2-core CPU. bfloat16 gets a smaller shape: without
     # native bfloat16 instructions the CPU's bfloat16 backward GEMM runs at
@@ -69,7 +72,7 @@ BENCH_SETS = {
     "cpu": BenchSet(
         cases=((Shape(2048, 1024, 1024), torch.float32), (Shape(512, 512, 512), torch.bfloat16)),
         rank=16, rank_sweep=(8, 16, 64), sweep_dtype=torch.float32, compile_dtypes=(torch.float32,),
-        seconds_per_case=1.0, min_rounds=3, max_rounds=30, end_to_end=("minilm-l6",),
+        seconds_per_case=0.6, min_rounds=3, max_rounds=30, end_to_end=("minilm-l6",),
     ),
     "gpu": BenchSet(
         # Every shape in bfloat16; float16 and float32 at the kernel issue's target shape.
@@ -92,6 +95,21 @@ def bench_device():
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def interleaved_medians(runs, rounds):
+    """Median seconds of each (setup, target) pair in `runs`, timed in turn,
+    round after round: a machine whose speed drifts (a shared or throttled
+    one) slows them alike, so their ratios hold where separate runs would not.
+    The targets synchronise the device themselves."""
+    times = [[] for _ in runs]
+    for _ in range(rounds):
+        for (setup, target), spent in zip(runs, times):
+            args, _ = setup()
+            start = time.perf_counter()
+            target(*args)
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 # -- the layers --------------------------------------------------------------
@@ -198,6 +216,8 @@ def layer_names(bench_set, dtype):
     """Every layer a case times, in order: the floor first."""
     names = ["floor"]
     usable = [b.name for b in backends() if b.unavailable_reason() is None]
+    if not bench_set.with_reference:
+        usable.remove("reference")
     names += [f"{m}/{b}" for m in ("vefa", "lorfa", "lora") for b in usable]
     names += ["peft-ia3", "peft-lora", "naive-vefa", "naive-lorfa"]
     if dtype in bench_set.compile_dtypes:

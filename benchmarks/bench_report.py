@@ -87,12 +87,6 @@ class Results:
         self.layers = []  # one dict per (layer, shape, dtype, rank, mode)
         self.end_to_end = []  # one dict per (model, method)
 
-    def _floor(self, row):
-        for other in self.layers:
-            if other["layer"] == "floor" and all(other[k] == row[k] for k in ("shape", "dtype", "mode")):
-                return other
-        return None
-
     def _peer(self, row):
         peer = PEER_OF.get(row["method"]) if row["kind"] == "featadapt" else None
         for other in self.layers:
@@ -101,19 +95,20 @@ class Results:
         return None
 
     @staticmethod
-    def _ratio(a, b):
-        if b is None or a["median_s"] is None or b["median_s"] is None:
+    def _ratio(a, b, key):
+        if b is None or a[key] is None or b[key] is None:
             return None
-        return a["median_s"] / b["median_s"]
+        return a[key] / b[key]
 
     def finish(self, device_type):
         """Fill in the ratios and the targets; returns the target rows."""
         targets = []
         for row in self.layers:
-            row["ratio_to_floor"] = self._ratio(row, self._floor(row))
+            # Both ratios to the floor were timed in alternation with it, so
+            # their quotient resists drift better than a quotient of medians.
             peer = self._peer(row)
             row["peer"] = peer["layer"] if peer else None
-            row["ratio_to_peer"] = self._ratio(row, peer)
+            row["ratio_to_peer"] = self._ratio(row, peer, "ratio_to_floor")
             limit = TARGETS.get(device_type, {}).get(row["method"])
             applies = row["kind"] == "featadapt" and row["mode"] == "forward+backward" and limit is not None
             if applies and (device_type == "cuda" or row["layer"].endswith("/torch")) and row["ratio_to_floor"] is not None:
@@ -122,10 +117,6 @@ class Results:
                     "case": case_label(row), "target_ratio_to_floor": limit, "ratio_to_floor": row["ratio_to_floor"],
                     "ratio_to_peer": row["ratio_to_peer"], "peer": row["peer"], "met": met,
                 })
-        for row in self.end_to_end:
-            full = next((o for o in self.end_to_end if o["model"] == row["model"] and o["method"] == "full"), None)
-            ok = full is not None and row["tokens_per_s"] and full["tokens_per_s"]
-            row["speed_vs_full"] = row["tokens_per_s"] / full["tokens_per_s"] if ok else None
         return targets
 
     def write(self, path, env, targets):

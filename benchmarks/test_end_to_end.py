@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import featadapt
-from bench_cases import bench_device, peak_memory_bytes, synchronize
+from bench_cases import bench_device, interleaved_medians, peak_memory_bytes, synchronize
 from featadapt.model import matching_modules
 
 transformers = pytest.importorskip("transformers")
@@ -75,17 +75,15 @@ def adapt(model, method):
     return peft.get_peft_model(model, config)
 
 
-def test_training_step(benchmark, bench_set, bench_results, model_method):
-    model_name, method = model_method
+def training_step(model_name, method, device):
+    """A closure running one training step of `model_name` adapted by `method`."""
     spec = MODELS[model_name]
-    device = bench_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = adapt(spec.build().to(device=device, dtype=dtype), method)
     model.train()
-    vocab = model.config.vocab_size
     generator = torch.Generator(device=device).manual_seed(0)
-    input_ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device, generator=generator)
+    input_ids = torch.randint(0, model.config.vocab_size, (spec.batch, spec.seq), device=device, generator=generator)
     labels = input_ids if spec.causal else torch.randint(0, 2, (spec.batch,), device=device, generator=generator)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -96,17 +94,46 @@ def test_training_step(benchmark, bench_set, bench_results, model_method):
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
 
-    benchmark.group = f"end-to-end-{model_name}"
+    step.model = model
+    step.dtype = dtype
+    return step
+
+
+_full_steps = {}  # model name -> full fine-tuning step, the reference every method is timed against
+
+
+def _no_setup():
+    return (), {}
+
+
+def test_training_step(benchmark, bench_set, bench_results, model_method):
+    model_name, method = model_method
+    spec = MODELS[model_name]
+    device = bench_device()
+    step = training_step(model_name, method, device)
+
     start = time.perf_counter()
     step()  # the warm-up, and the estimate that sets the rounds
     rounds = bench_set.rounds_for(time.perf_counter() - start)
+    benchmark.group = f"end-to-end-{model_name}"
     benchmark.pedantic(step, rounds=rounds)
     median = None if benchmark.disabled else benchmark.stats.stats.median
-    trainable, total = featadapt.trainable_parameters(model)
+
+    # Speed against full fine-tuning, the two timed in alternation.
+    if method == "full":
+        speed_vs_full = 1.0
+    else:
+        if model_name not in _full_steps:
+            _full_steps[model_name] = training_step(model_name, "full", device)
+            _full_steps[model_name]()  # its warm-up
+        runs = [(_no_setup, _full_steps[model_name]), (_no_setup, step)]
+        full_median, method_median = interleaved_medians(runs, rounds)
+        speed_vs_full = full_median / method_median
+    trainable, total = featadapt.trainable_parameters(step.model)
     bench_results.end_to_end.append({
         "model": model_name,
         "method": method,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(step.dtype).removeprefix("torch."),
         "batch": spec.batch,
         "seq": spec.seq,
         "trainable_params": trainable,
@@ -114,5 +141,6 @@ def test_training_step(benchmark, bench_set, bench_results, model_method):
         "median_s": median,
         "rounds": rounds,
         "tokens_per_s": None if median is None else spec.batch * spec.seq / median,
+        "speed_vs_full": None if benchmark.disabled else speed_vs_full,
         "peak_bytes": peak_memory_bytes(step, device),
     })

@@ -7,7 +7,18 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from bench_cases import MODES, Shape, bench_device, build_layer, flops, layer_names, peak_memory_bytes, saved_bytes, synchronize
+from bench_cases import (
+    MODES,
+    Shape,
+    bench_device,
+    build_layer,
+    flops,
+    interleaved_medians,
+    layer_names,
+    peak_memory_bytes,
+    saved_bytes,
+    synchronize,
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,11 @@ def test_layer(benchmark, bench_set, bench_results, layer_case):
     rounds = bench_set.rounds_for(_time_one_call(setup, target))  # also the warm-up
     benchmark.pedantic(target, setup=setup, rounds=rounds)
     median = None if benchmark.disabled else benchmark.stats.stats.median
+    # The ratio to the floor comes from the two timed in alternation.
+    floor, _ = _layer_and_inputs(LayerCase(case.shape, case.dtype, case.rank, case.mode, "floor"), device)
+    floor_runs = _setup_and_target(floor, x, dy, case.mode, device)
+    floor_median, case_median = interleaved_medians([floor_runs, (setup, target)], rounds)
+    ratio = None if benchmark.disabled else case_median / floor_median
 
     args, _ = setup()
     compiled_on_cpu = case.layer.startswith("compiled-") and device.type == "cpu"
@@ -123,6 +139,7 @@ def test_layer(benchmark, bench_set, bench_results, layer_case):
         "mode": case.mode,
         "median_s": median,
         "rounds": rounds,
+        "ratio_to_floor": ratio,
         "flops": count,
         "tflops": None if median is None else count / median / 1e12,
         "peak_bytes": peak,
