@@ -39,7 +39,7 @@ $(PY):
 
 $(STAMP): pyproject.toml setup.py | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
-	$(PY) -m pip install "setuptools>=64" wheel
+	$(PY) -m pip install "setuptools>=70.1"  # builds editable wheels without the wheel package
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $@
 

@@ -1,20 +1,18 @@
-"""Turn a benchmark results file into PNG charts.
+"""Turn a benchmark results file into PNG charts, or into the README's tables.
 
     python benchmarks/plot.py benchmarks/results/<device>.json [--output-dir DIR]
+    python benchmarks/plot.py benchmarks/results/<device>.json --markdown
 
 Writes <name>-time.png (forward+backward time as a ratio to the frozen floor,
 per method and implementation, one panel per dtype) and <name>-saved.png
-(saved-activation bytes per layer as a multiple of bytes(x)).
+(saved-activation bytes per layer as a multiple of bytes(x)). --markdown
+prints the tables the README quotes instead (a test keeps them in step).
 """
 
 import argparse
 import json
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 MODE = "forward+backward"
 COLORS = {"featadapt": "tab:blue", "peer": "tab:orange", "floor": "tab:gray"}
@@ -42,7 +40,44 @@ def _panels(rows):
     return panels
 
 
+def markdown(results):
+    """The README's tables: forward+backward per layer, and end to end."""
+    env = results["environment"]
+    lines = [
+        f"Device: {env['device']}; torch {env['torch']}, peft {env['peft']}; "
+        f"{env['date'][:10]}, featadapt {env['featadapt_revision'][:12]}.",
+        "",
+        "| layer | dtype | shape (M, K, N) | time / floor | time / peer | saved bytes / bytes(x) |",
+        "|---|---|---|---|---|---|",
+    ]
+    rank = _main_rank(results["layers"])
+    for row in results["layers"]:
+        if row["mode"] != MODE or row["rank"] != rank or row["layer"] == "floor":
+            continue
+        peer = f"{row['ratio_to_peer']:.2f} ({row['peer']})" if row.get("ratio_to_peer") is not None else ""
+        lines.append(
+            f"| {row['layer']} | {row['dtype']} | {', '.join(map(str, row['shape']))} | "
+            f"{row['ratio_to_floor']:.2f} | {peer} | {row['saved_bytes'] / row['x_bytes']:.2f} |"
+        )
+    if results["end_to_end"]:
+        lines += [
+            "",
+            "| model | method | trainable parameters | tokens/s | speed / full fine-tuning |",
+            "|---|---|---|---|---|",
+        ]
+        for row in results["end_to_end"]:
+            lines.append(
+                f"| {row['model']} ({row['dtype']}, {row['batch']}×{row['seq']}) | {row['method']} | "
+                f"{row['trainable_params']:,} | {row['tokens_per_s']:.0f} | {row['speed_vs_full']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def _bar_chart(panels, value, ylabel, title, path, reference_line=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.6 * len(panels)), squeeze=False)
     for ax, ((shape, dtype), rows) in zip(axes[:, 0], sorted(panels.items())):
         rows = [r for r in rows if value(r) is not None]
@@ -82,7 +117,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="a benchmarks/results/<device>.json file")
     parser.add_argument("--output-dir", help="where to write the PNGs (default: next to the results file)")
+    parser.add_argument("--markdown", action="store_true", help="print the README's tables instead of drawing")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(load(args.results)))
+        return
     output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.results))
     os.makedirs(output_dir, exist_ok=True)
     name = os.path.splitext(os.path.basename(args.results))[0]

@@ -114,8 +114,8 @@ class LowRankFunction(torch.autograd.Function):
         B = lora_B.to(x.dtype)
         dx = dweight = dbias = dA = dB = None
 
-        # du = γ ∂y/∂(u Cᵀ)·C, and dB, from the gradient at the point where
-        # the low-rank term enters: the input x̃ (input form) or the output y.
+        # du and dB from the gradient where the low-rank term enters: at x̃
+        # (input form: g = dy W0 is ∂L/∂x̃) or at y (the output forms).
         if form == LORFA_INPUT:
             g = dy @ weight
             du = (g @ B).mul_(scaling)
