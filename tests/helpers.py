@@ -2,6 +2,7 @@
 calling an op by method name, and saved-activation accounting."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -172,3 +173,33 @@ def to_device(t, device):
         name: None if value is None else value.detach().to(device).requires_grad_(value.requires_grad)
         for name, value in t.items()
     }
+
+
+@dataclass(frozen=True)
+class Case:
+    """A shape case for an op test: x is (*lead, K), weight (N, K), rank r."""
+
+    lead: tuple
+    k: int
+    n: int
+    r: int = 7
+    bias: bool = True
+    shift: bool = True
+    noncontiguous: bool = False
+    dropout_p: float = 0.0
+    train_base: bool = False
+
+    @property
+    def m(self):
+        return math.prod(self.lead)
+
+    def inputs(self, method, dtype=torch.float32, param_dtype=None, device="cpu"):
+        t = make_inputs(
+            method, self.lead, self.k, self.n, self.r, dtype, param_dtype,
+            bias=self.bias, shift=self.shift, noncontiguous=self.noncontiguous,
+            train_base=self.train_base,
+        )
+        return t if device == "cpu" else to_device(t, device)
+
+    def dropout_for(self, method):
+        return self.dropout_p if method != "vefa" else 0.0

@@ -7,7 +7,7 @@ import torch
 from featadapt.ops.dispatch import backends
 from helpers import METHODS, call_op, check_against_float64_reference, make_inputs, saved_activation_bytes, to_device
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("true_float32")]
 
 DTYPES = {
     "float32": (torch.float32, None),
@@ -30,13 +30,6 @@ def gpu_backends():
     return [b.name for b in backends() if b.unavailable_reason() is None and b.name != "reference"]
 
 
-@pytest.fixture(autouse=True)
-def _true_float32():
-    # DESIGN.md §4: float32 is compared with TF32 off.
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())

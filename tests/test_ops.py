@@ -19,6 +19,7 @@ from helpers import (
     PARAM_NAMES,
     TOL,
     call_op,
+    Case,
     check_against_float64_reference,
     gradients,
     make_inputs,
@@ -51,33 +52,6 @@ ALL_PATHS = {
 
 
 # -- comparison against the float64 reference ----------------------------------
-
-
-@dataclass(frozen=True)
-class Case:
-    lead: tuple  # x is (*lead, K)
-    k: int
-    n: int
-    r: int = 7
-    bias: bool = True
-    shift: bool = True
-    noncontiguous: bool = False
-    dropout_p: float = 0.0
-    train_base: bool = False
-
-    @property
-    def m(self):
-        return math.prod(self.lead)
-
-    def inputs(self, method, dtype=torch.float32, param_dtype=None):
-        return make_inputs(
-            method, self.lead, self.k, self.n, self.r, dtype, param_dtype,
-            bias=self.bias, shift=self.shift, noncontiguous=self.noncontiguous,
-            train_base=self.train_base,
-        )
-
-    def dropout_for(self, method):
-        return self.dropout_p if method in LOW_RANK else 0.0
 
 
 SHAPE_CASES = {

@@ -6,8 +6,9 @@ A backend declares what it is, whether it can run on this machine at all
 
 Selection: the `backend=` argument, else the FEATADAPT_BACKEND environment
 variable, else "auto". Auto takes the highest-priority backend that can run the
-call and falls back quietly; a backend asked for by name that cannot run the
-call raises BackendUnavailableError saying why.
+call and does not ask to be skipped (`auto_skip_reasons`: the triton backend
+for CPU tensors in its interpreter), and falls back quietly; a backend asked
+for by name that cannot run the call raises BackendUnavailableError saying why.
 """
 
 import os
@@ -45,14 +46,20 @@ class Backend:
     unavailable_reason: Callable[[], Optional[str]] = field(default=_always_available)
     # (op, tensors of the call) -> reasons it cannot run this call; [] when it can
     not_supported_reasons: Callable[[str, tuple], List[str]] = field(default=_supports_everything)
+    # (op, tensors of a call it can run) -> reasons "auto" should pass it over
+    # (it still runs when asked for by name); [] when auto may pick it
+    auto_skip_reasons: Callable[[str, tuple], List[str]] = field(default=_supports_everything)
 
-    def reasons_against(self, op, tensors):
+    def reasons_against(self, op, tensors, auto=False):
         why = self.unavailable_reason()
         if why is not None:
             return [why]
         if op not in self.ops:
             return [f"it does not implement {op}"]
-        return list(self.not_supported_reasons(op, tensors))
+        reasons = list(self.not_supported_reasons(op, tensors))
+        if auto and not reasons:
+            reasons = list(self.auto_skip_reasons(op, tensors))
+        return reasons
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -93,7 +100,7 @@ def select_backend(op, tensors, backend=None):
         for candidate in backends():
             if candidate.auto_priority is None:
                 continue
-            reasons = candidate.reasons_against(op, tensors)
+            reasons = candidate.reasons_against(op, tensors, auto=True)
             if not reasons:
                 return candidate
             rejected.append(f"{candidate.name}: {'; '.join(reasons)}")
@@ -127,3 +134,7 @@ register_backend(
         auto_priority=0,
     )
 )
+
+from . import triton_backend  # noqa: E402  (last: it builds a Backend; it never fails without triton)
+
+register_backend(triton_backend.BACKEND)

@@ -45,7 +45,7 @@ def _reduction_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _scaled_input(x, scale, shift):
+def scaled_input(x, scale, shift):
     """x ⊙ s + t, computed in the wider dtype and rounded to x's dtype once."""
     if shift is None:
         return (x * scale).to(x.dtype)
@@ -63,7 +63,7 @@ class VeFAFunction(torch.autograd.Function):
                 bias = shifted if bias is None else bias + shifted
             y = F.linear(x, scaled_weight, bias)
         else:
-            y = F.linear(_scaled_input(x, scale, shift), weight, bias)
+            y = F.linear(scaled_input(x, scale, shift), weight, bias)
         ctx.save_for_backward(x, weight, scale, shift)
         return y
 
@@ -82,7 +82,7 @@ class VeFAFunction(torch.autograd.Function):
             if need_x:
                 dx = g.mul_(scale)  # g is ours and no longer needed: scale it in place
         if need_weight:
-            dweight = dy.T @ _scaled_input(x, scale, shift)
+            dweight = dy.T @ scaled_input(x, scale, shift)
         if need_bias:
             dbias = dy.sum(0)
         return dx, dweight, dbias, dscale, dshift
