@@ -32,3 +32,16 @@ def test_functional_signatures_match_the_code():
         documented = re.search(rf"featadapt\.{name}(\(.*?\))", block).group(1)
         actual = str(inspect.signature(getattr(featadapt, name)))
         assert documented == actual, (name, documented, actual)
+
+
+def test_performance_tables_match_the_committed_results():
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("plot", README.parent / "benchmarks" / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    text = README.read_text()
+    quoted = re.search(r"<!-- perf-table:start -->\n(.*?)\n<!-- perf-table:end -->", text, flags=re.S).group(1)
+    results = json.loads((README.parent / "benchmarks" / "results" / "amd-epyc-2-cores.json").read_text())
+    assert quoted.strip() == plot.markdown(results).strip()
