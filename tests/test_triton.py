@@ -39,6 +39,7 @@ from helpers import (
 )
 
 kernels = pytest.importorskip("featadapt.kernels.triton", reason="triton is not importable")
+low_rank_dy_grads = pytest.importorskip("featadapt.kernels.triton.low_rank_gemm").low_rank_dy_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = dispatch.get_backend("triton")
@@ -103,8 +104,8 @@ def test_matches_float64_reference(method, dtypes, case):
 
 KERNELS = {
     "vefa": ["scaled_gemm", "scaled_gemm_backward"],
-    "lorfa": ["low_rank_gemm", "low_rank_gemm_dx"],
-    "lora": ["low_rank_gemm", "low_rank_gemm_dx"],
+    "lorfa": ["low_rank_gemm", "low_rank_dy_grads", "low_rank_gemm_dx"],
+    "lora": ["low_rank_gemm", "low_rank_dy_grads", "low_rank_gemm_dx"],
 }
 
 
@@ -197,6 +198,59 @@ def test_vefa_parameter_gradients_are_bit_identical_across_runs():
     runs = [gradients(call_op("vefa", t, "triton"), dy, t) for _ in range(2)]
     for name in ("scale", "shift", "x"):
         assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+# -- the low-rank backward's du and dC kernel ------------------------------------
+
+
+def dy_grads_inputs(m, n, r, dtype, device=DEVICE):
+    """dy (m, n), u (m, r), c (n, r): drawn in float32, then rounded to dtype."""
+    return [torch.randn(shape, device=device).to(dtype) for shape in ((m, n), (m, r), (n, r))]
+
+
+def check_dy_grads(dy, u, c, scaling, tol):
+    du, dc = low_rank_dy_grads(dy, u, c, scaling, True, True)
+    assert du.dtype == dc.dtype == torch.float32
+    assert rel_err(du, dy.double() @ c.double()) <= tol
+    assert rel_err(dc, scaling * dy.double().T @ u.double()) <= tol
+
+
+# M = 0 and 1, tails of the 16-wide column tiles, ranks padded to 16 and to 32,
+# and for M = 37 two row chunks of the interpreter's (so two dC partials).
+DY_GRADS_SHAPES = [(m, n, r) for m in (0, 1, 37) for n in (17, 33) for r in (1, 7, 17)]
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu)])
+@pytest.mark.parametrize("m,n,r", DY_GRADS_SHAPES, ids=[f"M{m}-N{n}-r{r}" for m, n, r in DY_GRADS_SHAPES])
+def test_dy_grads_kernel_matches_matmuls(m, n, r, dtype):
+    """du = dy c and dc = γ dyᵀ u against float64 matmuls of the same (rounded) inputs."""
+    check_dy_grads(*dy_grads_inputs(m, n, r, dtype), 0.5, TOL[dtype])
+
+
+@runs_here
+def test_dy_grads_kernel_takes_strided_inputs():
+    dy, u, c = (t.T.contiguous().T for t in dy_grads_inputs(37, 33, 7, torch.float32))
+    assert dy.stride() == (1, 37)
+    check_dy_grads(dy, u, c, -1.5, TOL[torch.float32])
+
+
+@runs_here
+def test_dy_grads_kernel_computes_only_what_is_asked():
+    dy, u, c = dy_grads_inputs(37, 33, 7, torch.float32)
+    du, dc = low_rank_dy_grads(dy, u, c, 2.0, True, False)
+    assert dc.numel() == 0 and rel_err(du, dy.double() @ c.double()) <= TOL[torch.float32]
+    # without du, c is not read: an empty one will do
+    du, dc = low_rank_dy_grads(dy, u, c[:0], 2.0, False, True)
+    assert du.numel() == 0 and rel_err(dc, 2.0 * dy.double().T @ u.double()) <= TOL[torch.float32]
+
+
+@runs_here
+def test_dy_grads_kernel_is_bit_identical_across_runs():
+    """Partials summed in a fixed order: no atomics, the same bits every run."""
+    dy, u, c = dy_grads_inputs(70, 65, 17, torch.float32)
+    runs = [low_rank_dy_grads(dy, u, c, 0.5, True, True) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 # -- dispatch ------------------------------------------------------------------
@@ -322,6 +376,16 @@ LARGE = {
 def test_gpu_large_shapes_match_float64_reference(method, dtypes, case):
     t = case.inputs(method, *dtypes, device=DEVICE)
     check_against_float64_reference(method, "triton", t, dropout_p=case.dropout_for(method))
+
+
+LARGE_DY_GRADS = [(8192, 4096, 16), (4100, 2752, 64), (3000, 1000, 100), (1, 4096, 16)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,r", LARGE_DY_GRADS, ids=[f"M{m}-N{n}-r{r}" for m, n, r in LARGE_DY_GRADS])
+def test_gpu_dy_grads_kernel_large_shapes(m, n, r, dtype):
+    check_dy_grads(*dy_grads_inputs(m, n, r, dtype), 0.5, TOL[dtype])
 
 
 @gpu

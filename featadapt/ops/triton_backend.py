@@ -21,7 +21,7 @@ from .torch_backend import scaled_input  # x ⊙ s + t as the forward kernel fee
 
 try:
     from ..kernels.triton import INTERPRET
-    from ..kernels.triton.low_rank_gemm import low_rank_gemm, low_rank_gemm_dx
+    from ..kernels.triton.low_rank_gemm import low_rank_dy_grads, low_rank_gemm, low_rank_gemm_dx
     from ..kernels.triton.scaled_gemm import scaled_gemm, scaled_gemm_backward
 except Exception as error:  # a missing or broken triton must not break `import featadapt`
     _IMPORT_ERROR = f"triton is not importable ({type(error).__name__}: {error})"
@@ -81,13 +81,15 @@ class LowRankFunction(torch.autograd.Function):
         scaling, p, seed, lorfa = ctx.scaling, ctx.dropout_p, ctx.dropout_seed, ctx.lorfa
         dx = dweight = dbias = dA = dB = None
 
-        # du = γ dy C and dC = γ dyᵀ u are small GEMMs left to torch for now:
-        # the single kernel that reads dy once for both is not written yet.
-        if need_x or need_A:
-            du = dy @ _scaled_c(weight, lora_B, scaling, lorfa)
+        # du = γ dy C and dC = γ dyᵀ u from one kernel that reads dy once;
+        # Cγ (for LoRFA a GEMM) only when du is wanted.
+        need_du = need_x or need_A
+        if need_du or need_B:
+            c = _scaled_c(weight, lora_B, scaling, lorfa) if need_du else u.new_empty((0, u.shape[1]))
+            du, dC = low_rank_dy_grads(dy, u, c, scaling, need_du, need_B)
+            du = du.to(x.dtype)
         if need_B:
-            dC = (dy.T @ u).mul_(scaling)
-            dB = (weight.T @ dC if lorfa else dC).to(lora_B.dtype)
+            dB = (weight.T @ dC.to(weight.dtype) if lorfa else dC).to(lora_B.dtype)
         keep = keep_mask(x.shape, p, seed, x.device) if p > 0.0 and (need_x or need_A) else None
         keep_scale = 1.0 / (1.0 - p)
         if need_A:
