@@ -79,7 +79,7 @@ BENCH_SETS = {
         cases=tuple((shape, torch.bfloat16) for shape in _GPU_SHAPES)
         + ((Shape(8192, 4096, 4096), torch.float16), (Shape(8192, 4096, 4096), torch.float32)),
         rank=16, rank_sweep=(8, 16, 64), sweep_dtype=torch.bfloat16, compile_dtypes=(torch.bfloat16,),
-        seconds_per_case=0.5, min_rounds=10, max_rounds=100, end_to_end=("bert-base", "gpt2-medium-size"),
+        seconds_per_case=0.3, min_rounds=10, max_rounds=100, end_to_end=("bert-base", "gpt2-medium-size"),
     ),
 }
 
