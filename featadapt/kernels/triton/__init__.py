@@ -119,6 +119,16 @@ def grouped_tile(pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_C: tl.constex
 
 
 @triton.jit
+def output_tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile: (row tile index, int64 row and column offsets,
+    and their in-bounds masks)."""
+    pid_m, pid_c = grouped_tile(tl.program_id(0), n_rows, n_cols, BLOCK_M, BLOCK_C, GROUP_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid_m, rows, cols, rows < n_rows, cols < n_cols
+
+
+@triton.jit
 def accumulate_dot(acc, a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth,
                    stride_a_row, stride_a_depth, stride_b_depth, stride_b_col,
                    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):

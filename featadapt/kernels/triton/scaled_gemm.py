@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import accumulate_dot, autotune, grouped_tile, input_precision, launch_grid, m_bucket, partial_block_m
+from . import accumulate_dot, autotune, input_precision, launch_grid, m_bucket, output_tile, partial_block_m
 
 
 @autotune(key=["M_BUCKET", "N", "K"])
@@ -32,11 +32,7 @@ def _forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_C, GROUP_M)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < M
-    col_ok = cols < N
+    _, rows, cols, row_ok, col_ok = output_tile(M, N, BLOCK_M, BLOCK_C, GROUP_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_D):
@@ -68,11 +64,7 @@ def _backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Output tile: rows of M by columns of K; the reduction runs over N.
-    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_C, GROUP_M)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < M
-    col_ok = cols < K
+    pid_m, rows, cols, row_ok, col_ok = output_tile(M, K, BLOCK_M, BLOCK_C, GROUP_M)
 
     g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     g = accumulate_dot(g, dy_ptr, w_ptr, rows, cols, row_ok, col_ok, N,
