@@ -17,6 +17,18 @@ TOL = {
     torch.float64: 1e-12,
 }
 
+# (activation dtype, adapter parameter dtype or None for the same) by name:
+# every dtype the ops accept, and float32 adapters on half-precision activations.
+DTYPES = {
+    "float32": (torch.float32, None),
+    "float16": (torch.float16, None),
+    "bfloat16": (torch.bfloat16, None),
+    "float64": (torch.float64, None),
+    "bfloat16-x-float32-params": (torch.bfloat16, torch.float32),
+    "float16-x-float32-params": (torch.float16, torch.float32),
+}
+KERNEL_DTYPES = {name: d for name, d in DTYPES.items() if d[0] != torch.float64}  # what GPU kernels take
+
 METHODS = ("vefa", "lorfa", "lora")
 PARAM_NAMES = {"vefa": ("scale", "shift"), "lorfa": ("lora_A", "lora_B"), "lora": ("lora_A", "lora_B")}
 OPS = {"vefa": featadapt.vefa_linear, "lorfa": featadapt.lorfa_linear, "lora": featadapt.lora_linear}

@@ -5,17 +5,11 @@ import pytest
 import torch
 
 from featadapt.ops.dispatch import backends
-from helpers import METHODS, call_op, check_against_float64_reference, make_inputs, saved_activation_bytes, to_device
+from helpers import KERNEL_DTYPES, METHODS, call_op, check_against_float64_reference, make_inputs, saved_activation_bytes, to_device
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("true_float32")]
 
-DTYPES = {
-    "float32": (torch.float32, None),
-    "float16": (torch.float16, None),
-    "bfloat16": (torch.bfloat16, None),
-    "bfloat16-x-float32-params": (torch.bfloat16, torch.float32),
-    "float16-x-float32-params": (torch.float16, torch.float32),
-}
+DTYPES = KERNEL_DTYPES
 # (lead, K, N, r, dropout_p): odd tails, both sides of the path choices, and a large case
 SHAPES = {
     "M1025-K257-N17": ((1025,), 257, 17, 7, 0.0),

@@ -15,6 +15,7 @@ import torch
 import featadapt
 from featadapt.ops import dispatch, reference, torch_backend
 from helpers import (
+    DTYPES,
     METHODS,
     PARAM_NAMES,
     TOL,
@@ -83,14 +84,6 @@ def test_shapes_match_float64_reference(method, backend, case):
 
 
 # x dtype, adapter parameter dtype
-DTYPES = {
-    "float32": (torch.float32, None),
-    "float16": (torch.float16, None),
-    "bfloat16": (torch.bfloat16, None),
-    "float64": (torch.float64, None),
-    "bfloat16-x-float32-params": (torch.bfloat16, torch.float32),
-    "float16-x-float32-params": (torch.float16, torch.float32),
-}
 # One shape on each side of both path choices (scale-x / input form, and
 # scale-weight / projected form), so every dtype runs every path.
 DTYPE_SHAPES = {

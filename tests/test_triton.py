@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import featadapt
 from featadapt.ops import dispatch, triton_backend
 from helpers import (
+    KERNEL_DTYPES,
     METHODS,
     Case,
     TOL,
@@ -82,15 +83,8 @@ SHAPES = {
 
 gpu = pytest.mark.gpu
 # x dtype, adapter parameter dtype
-ALL_DTYPES = {
-    "float32": (torch.float32, None),
-    "float16": (torch.float16, None),
-    "float16-x-float32-params": (torch.float16, torch.float32),
-    "bfloat16": (torch.bfloat16, None),
-    "bfloat16-x-float32-params": (torch.bfloat16, torch.float32),
-}
 # bfloat16 only on a GPU (see the module docstring)
-DTYPES = {name: pytest.param(d, marks=gpu) if d[0] == torch.bfloat16 else d for name, d in ALL_DTYPES.items()}
+DTYPES = {name: pytest.param(d, marks=gpu) if d[0] == torch.bfloat16 else d for name, d in KERNEL_DTYPES.items()}
 
 
 @runs_here
@@ -371,7 +365,7 @@ LARGE = {
 
 @gpu
 @pytest.mark.parametrize("case", LARGE.values(), ids=LARGE.keys())
-@pytest.mark.parametrize("dtypes", ALL_DTYPES.values(), ids=ALL_DTYPES.keys())
+@pytest.mark.parametrize("dtypes", KERNEL_DTYPES.values(), ids=KERNEL_DTYPES.keys())
 @pytest.mark.parametrize("method", METHODS)
 def test_gpu_large_shapes_match_float64_reference(method, dtypes, case):
     t = case.inputs(method, *dtypes, device=DEVICE)
