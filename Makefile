@@ -7,9 +7,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.14.1
 STAMP := $(VENV)/.featadapt-installed
+# The CUDA toolkit the extension builds with. torch's guess from nvcc's
+# location can be wrong, so the conventional place is named when it exists.
+CUDA_HOME ?= $(wildcard /usr/local/cuda)
+export CUDA_HOME
+# Compute capabilities the extension is built for here: 9.0 (H100, H200)
+# alone keeps builds short; e.g. make CUDA_ARCHS="8.0;9.0" for A100s too.
+CUDA_ARCHS ?= 9.0
 DATA_STAMP := $(VENV)/.featadapt-demo-data
 
-.PHONY: test demo bench plot gpu-check gpu-test gpu-bench setup clean
+.PHONY: test demo bench plot gpu-check gpu-test gpu-sanitize gpu-bench cmake-build setup clean
 
 test: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -29,26 +36,38 @@ plot: $(STAMP)
 	$(PY) -m pip install -e ".[bench]" --no-build-isolation -q
 	for f in benchmarks/results/*.json; do $(PY) benchmarks/plot.py $$f; done
 
-# On a machine with a GPU: the gpu tests, then the GPU benchmark set (two
-# targets, so that each fits one device command's time limit).
-gpu-check: gpu-test gpu-bench
+# On a machine with a GPU: the gpu tests, compute-sanitizer over the cuda
+# backend's, then the GPU benchmark set (separate targets, so that each fits
+# one device command's time limit).
+gpu-check: gpu-test gpu-sanitize gpu-bench
 
 gpu-test: $(STAMP)
 	$(PY) -m featadapt.info
 	$(PY) -m pytest tests -m gpu -v
+
+gpu-sanitize: $(STAMP)
+	PY=$(PY) tools/sanitize-gpu-tests.sh
 
 gpu-bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --bench-set gpu $(BENCH_ARGS)
 
 setup: $(STAMP)
 
+# The CUDA extension through CMake, for IDEs and C++ work (compile_commands.json
+# in build/cmake); the package itself is built by pip (setup.py).
+cmake-build: $(STAMP)
+	cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(abspath $(PY)) \
+		-DFEATADAPT_CUDA_ARCHS="$(subst .,,$(CUDA_ARCHS))"
+	cmake --build build/cmake
+
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-$(STAMP): pyproject.toml setup.py | $(PY)
+# Rebuilt when the kernels change: the extension is compiled at install time.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -m pip install "setuptools>=70.1"  # builds editable wheels without the wheel package
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	FEATADAPT_CUDA_ARCHS="$(CUDA_ARCHS)" $(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $@
 
 # The demo's model and data ship inside packages; the two data packages are

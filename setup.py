@@ -1,20 +1,109 @@
-"""Build script.
+"""Build script: the Python package, plus the CUDA extension featadapt._C
+(the kernels in csrc/) when a CUDA toolkit and a CUDA build of torch are there.
 
-The package is pure Python today. The CUDA extension (``featadapt._C``) will be
-added in ``extension_modules()``: return the ``CUDAExtension`` there when a CUDA
-toolkit and a CUDA build of torch are present, and an empty list otherwise, so
-that the package always installs without a toolkit.
+Without them the package installs as pure Python and the `cuda` backend says
+why it is unavailable (`python -m featadapt.info`). Build with
+`pip install --no-build-isolation .` so the build sees the installed torch.
+
+Environment:
+  FEATADAPT_CUDA_ARCHS        compute capabilities to compile for, e.g. "9.0" or
+                              "8.0;9.0" (default "8.0;9.0"; PTX is added for the
+                              newest, so newer GPUs can JIT-compile it); 8.0 or newer
+  FEATADAPT_SKIP_CUDA_BUILD=1 build the pure-Python package even with a toolkit
+  FEATADAPT_DEBUG=1           device debug info (-G) and no optimisation
+  MAX_JOBS                    parallel compile jobs (torch's ninja build reads it)
+  CUDA_HOME                   the toolkit; torch's guess from nvcc's location can be wrong
 """
+
+import glob
+import os
+import re
+import sys
 
 from setuptools import setup
 
+DEFAULT_ARCHS = "8.0;9.0"
+SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+
+
+def _note(message):
+    print(f"featadapt setup: {message}", file=sys.stderr)
+
+
+def cuda_archs(spec):
+    """["8.0", "9.0"] from "8.0;9.0" (also accepts spaces or commas between them)."""
+    archs = [a for a in re.split(r"[;,\s]+", spec.strip()) if a]
+    if not archs:
+        raise ValueError(f"FEATADAPT_CUDA_ARCHS must list compute capabilities like '8.0;9.0', got {spec!r}")
+    for arch in archs:
+        if not re.fullmatch(r"\d+\.\d", arch):
+            raise ValueError(f"FEATADAPT_CUDA_ARCHS: expected entries like '9.0', got {arch!r} in {spec!r}")
+        if float(arch) < 8.0:
+            raise ValueError(
+                f"FEATADAPT_CUDA_ARCHS: the kernels need compute capability 8.0 or newer "
+                f"(bfloat16 tensor cores), got {arch!r}"
+            )
+    return sorted(set(archs), key=float)
+
+
+def gencode_flags(archs):
+    """nvcc flags: a cubin per architecture and PTX for the newest."""
+    flags = []
+    for arch in archs:
+        sm = arch.replace(".", "")
+        flags += ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
+    newest = archs[-1].replace(".", "")
+    return flags + ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+
+
+def why_no_cuda_build():
+    """None when the extension can be built here, else the reason it is not."""
+    if os.environ.get("FEATADAPT_SKIP_CUDA_BUILD", "0") == "1":
+        return "FEATADAPT_SKIP_CUDA_BUILD=1"
+    if not SOURCES:
+        return "no sources in csrc/"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError as error:
+        return f"torch is not importable at build time ({error}); build with --no-build-isolation"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return f"no CUDA toolkit found (CUDA_HOME={CUDA_HOME!r} has no include/cuda_runtime.h); set CUDA_HOME"
+    return None
+
 
 def extension_modules():
-    return []
+    why = why_no_cuda_build()
+    if why is not None:
+        _note(f"building without the CUDA extension: {why}")
+        return []
+    from torch.utils.cpp_extension import CUDAExtension
+
+    archs = cuda_archs(os.environ.get("FEATADAPT_CUDA_ARCHS", DEFAULT_ARCHS))
+    debug = os.environ.get("FEATADAPT_DEBUG", "0") == "1"
+    arch_list = ",".join(a.replace(".", "") for a in archs)
+    _note(f"building featadapt._C for compute capabilities {', '.join(archs)} (+PTX {archs[-1]})")
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # (The C++ standard is torch's choice: its headers need their own.)
+    nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["--expt-relaxed-constexpr", *gencode_flags(archs)]
+    return [
+        CUDAExtension(
+            name="featadapt._C",
+            sources=SOURCES,
+            define_macros=[("FEATADAPT_CUDA_ARCH_LIST", arch_list)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    ]
 
 
 def build_commands():
-    return {}
+    if why_no_cuda_build() is not None:
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension}
 
 
 setup(ext_modules=extension_modules(), cmdclass=build_commands())

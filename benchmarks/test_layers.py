@@ -4,7 +4,6 @@ peers, forward, backward and forward+backward, on the same inputs."""
 import time
 from dataclasses import dataclass
 
-import pytest
 import torch
 
 from bench_cases import (

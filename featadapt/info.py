@@ -4,6 +4,7 @@ import platform
 
 import torch
 
+from .kernels import cuda as cuda_kernels
 from .ops.dispatch import ENV_VAR, backends, requested_backend_name
 from .version import __version__
 
@@ -27,6 +28,13 @@ def _devices():
     return lines
 
 
+def _extension():
+    if cuda_kernels.IMPORT_ERROR is not None:
+        return cuda_kernels.IMPORT_ERROR
+    archs = ", ".join(f"{a // 10}.{a % 10}" for a in cuda_kernels.CUDA_ARCHS)
+    return f"built for compute capabilities {archs} (PTX for the newest)"
+
+
 def report():
     """The report as text."""
     lines = [
@@ -34,6 +42,7 @@ def report():
         f"python    {platform.python_version()}",
         f"torch     {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton    {_module_version('triton')}",
+        f"featadapt._C {_extension()}",
         "devices:",
     ]
     lines += [f"  {d}" for d in _devices()]

@@ -4,8 +4,20 @@ reference, saved bytes and autocast. Skipped cleanly without a GPU."""
 import pytest
 import torch
 
-from featadapt.ops.dispatch import backends
-from helpers import KERNEL_DTYPES, METHODS, call_op, check_against_float64_reference, make_inputs, saved_activation_bytes, to_device
+from featadapt.ops.dispatch import backends, get_backend
+from helpers import (
+    KERNEL_DTYPES,
+    METHODS,
+    TOL,
+    Case,
+    call_op,
+    check_against_float64_reference,
+    make_inputs,
+    rel_err,
+    saved_activation_bytes,
+    to_device,
+    to_float64,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("true_float32")]
 
@@ -61,3 +73,58 @@ def test_gpu_autocast_bfloat16(method):
             if value is not None and value.requires_grad:
                 assert value.grad is not None and value.grad.dtype == value.dtype
                 assert torch.isfinite(value.grad).all(), name
+
+
+# -- the fused-kernel backends -------------------------------------------------
+
+FUSED = ("triton", "cuda")
+
+
+def usable(backend):
+    why = get_backend(backend).unavailable_reason()
+    if why is not None:
+        pytest.skip(f"{backend} backend: {why}")
+    return backend
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("method", ["vefa", "lora"])
+def test_gpu_offsets_past_2_pow_31(method, backend):
+    """M·K above 2³¹ elements: the kernels' 64-bit offsets reach the last rows."""
+    backend = usable(backend)
+    m, k, n = 2**21 + 37, 1024, 16
+    assert m * k > 2**31
+    t = to_device(make_inputs(method, (1,), k, n, r=4, dtype=torch.bfloat16), "cuda")
+    t["x"] = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = call_op(method, t, backend)
+    dy = torch.randn_like(y)
+    dx = torch.autograd.grad(y, t["x"], dy)[0]
+
+    # Rows are independent: the last ones against the float64 reference.
+    tail = to_float64({**t, "x": t["x"][-64:]})
+    y64 = call_op(method, tail, "reference")
+    dx64 = torch.autograd.grad(y64, tail["x"], dy[-64:].double())[0]
+    assert rel_err(y[-64:], y64) <= TOL[torch.bfloat16]
+    assert rel_err(dx[-64:], dx64) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_torch_compile_fullgraph(method, backend):
+    """The custom ops trace: forward compiled with fullgraph=True, backward through AOTAutograd."""
+    backend = usable(backend)
+    case = Case((3, 11), 33, 17, noncontiguous=True, dropout_p=0.3)
+    t = case.inputs(method, torch.bfloat16, torch.float32, device="cuda")
+    names = [name for name, value in t.items() if value is not None]
+
+    def forward(*tensors):
+        return call_op(method, dict(t, **dict(zip(names, tensors))), backend)
+
+    tensors = [t[name] for name in names]
+    y_eager = forward(*tensors)
+    y_compiled = torch.compile(forward, fullgraph=True)(*tensors)
+    torch.testing.assert_close(y_compiled, y_eager)
+    dy = torch.randn_like(y_eager)
+    needing = [v for v in tensors if v.requires_grad]
+    grads_compiled = torch.autograd.grad(y_compiled, needing, dy)
+    torch.testing.assert_close(grads_compiled, torch.autograd.grad(y_eager, needing, dy))

@@ -135,6 +135,8 @@ register_backend(
     )
 )
 
-from . import triton_backend  # noqa: E402  (last: it builds a Backend; it never fails without triton)
+# Last: each builds a Backend, and neither fails when its kernels are missing.
+from . import cuda_backend, triton_backend  # noqa: E402
 
 register_backend(triton_backend.BACKEND)
+register_backend(cuda_backend.BACKEND)

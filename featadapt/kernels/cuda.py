@@ -1,0 +1,108 @@
+"""The CUDA C++ kernels (csrc/), compiled into the extension featadapt._C.
+
+Importing the extension registers the ops featadapt::cuda_scaled_gemm,
+cuda_scaled_gemm_backward, cuda_low_rank_gemm, cuda_low_rank_gemm_dx and
+cuda_low_rank_dy_grads for CUDA tensors (csrc/ops.cpp). This module loads it
+when it was built, registers the ops' fake implementations (so
+torch.compile(fullgraph=True) can trace through them) and presents them with
+the triton kernels' signatures. `IMPORT_ERROR` says why they are missing.
+"""
+
+import importlib.util
+
+import torch
+
+OP_NAMES = (
+    "cuda_scaled_gemm",
+    "cuda_scaled_gemm_backward",
+    "cuda_low_rank_gemm",
+    "cuda_low_rank_gemm_dx",
+    "cuda_low_rank_dy_grads",
+)
+
+NOT_BUILT = (
+    "the CUDA extension featadapt._C is not built: install from source with a CUDA toolkit "
+    "(CUDA_HOME) and a CUDA build of torch, without FEATADAPT_SKIP_CUDA_BUILD=1 (see the README)"
+)
+
+
+def _load():
+    """(the extension module, None) or (None, why it is not there)."""
+    if importlib.util.find_spec("featadapt._C") is None:
+        return None, NOT_BUILT
+    try:
+        from .. import _C
+    except ImportError as error:  # e.g. built against another torch: the C++ ABI differs
+        return None, f"featadapt._C is built but does not load ({error}); rebuild it against this torch"
+    return _C, None
+
+
+_C, IMPORT_ERROR = _load()
+CUDA_ARCHS = tuple(getattr(_C, "cuda_archs", ()))  # compute capabilities it was compiled for, e.g. (80, 90)
+
+
+def _ops():
+    return torch.ops.featadapt
+
+
+# -- fake implementations: output shapes and dtypes only -----------------------
+
+if _C is not None:
+
+    @torch.library.register_fake("featadapt::cuda_scaled_gemm")
+    def _(x, weight, bias, scale, shift):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("featadapt::cuda_scaled_gemm_backward")
+    def _(dy, x, weight, scale, need_dx, need_dscale, need_dshift):
+        k = x.shape[1]
+        return (
+            x.new_empty(x.shape if need_dx else (0,)),
+            x.new_empty((k,) if need_dscale else (0,), dtype=torch.float32),
+            x.new_empty((k,) if need_dshift else (0,), dtype=torch.float32),
+        )
+
+    @torch.library.register_fake("featadapt::cuda_low_rank_gemm")
+    def _(x, weight, bias, u, c):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("featadapt::cuda_low_rank_gemm_dx")
+    def _(dy, weight, du, a, keep, keep_scale):
+        return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+    @torch.library.register_fake("featadapt::cuda_low_rank_dy_grads")
+    def _(dy, u, c, scaling, need_du, need_dc):
+        m, n = dy.shape
+        r = u.shape[1]
+        return (
+            dy.new_empty((m, r) if need_du else (0,), dtype=torch.float32),
+            dy.new_empty((n, r) if need_dc else (0,), dtype=torch.float32),
+        )
+
+
+# -- the kernel set, with the triton kernels' signatures (featadapt/ops/fused.py)
+
+
+def _float32(t):
+    return None if t is None else t.to(torch.float32)
+
+
+def scaled_gemm(x, weight, bias, scale, shift):
+    # The kernels read the (K,) scale and shift as float32, whatever the adapter's dtype.
+    return _ops().cuda_scaled_gemm(x, weight, bias, _float32(scale), _float32(shift))
+
+
+def scaled_gemm_backward(dy, x, weight, scale, need_dx, need_dscale, need_dshift):
+    return _ops().cuda_scaled_gemm_backward(dy, x, weight, _float32(scale), need_dx, need_dscale, need_dshift)
+
+
+def low_rank_gemm(x, weight, bias, u, c):
+    return _ops().cuda_low_rank_gemm(x, weight, bias, u, c)
+
+
+def low_rank_gemm_dx(dy, weight, du, a, keep, keep_scale):
+    return _ops().cuda_low_rank_gemm_dx(dy, weight, du, a, keep, keep_scale)
+
+
+def low_rank_dy_grads(dy, u, c, scaling, need_du, need_dc):
+    return _ops().cuda_low_rank_dy_grads(dy, u, c, scaling, need_du, need_dc)

@@ -1,0 +1,88 @@
+"""Packaging: the wheel carries the compiled extension when a toolkit is
+there and is pure Python when told to skip it; bad architecture lists are
+refused before anything compiles.
+
+Each build runs on a copy of the project's files (what git tracks or would
+track), so the tests see what a fresh clone would build and leave no build
+directories behind.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CI_ARCHS = "9.0"  # one architecture keeps the build short
+
+
+def toolkit_present():
+    home = os.environ.get("CUDA_HOME", "")
+    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+needs_toolkit = pytest.mark.skipif(
+    not toolkit_present() or torch.version.cuda is None,
+    reason="needs a CUDA toolkit in CUDA_HOME and a CUDA build of torch (the Makefile sets CUDA_HOME)",
+)
+
+
+def project_copy(tmp_path):
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    copy = tmp_path / "featadapt-src"
+    for name in filter(None, listed):
+        source = os.path.join(ROOT, name)
+        if os.path.isfile(source):
+            target = copy / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return copy
+
+
+def build_wheel(tmp_path, **env):
+    source = project_copy(tmp_path)
+    out = tmp_path / "dist"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(out), "."],
+        cwd=source, capture_output=True, text=True, timeout=1200, env={**os.environ, **env},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = out.glob("featadapt-*.whl")
+    return wheel, zipfile.ZipFile(wheel).namelist()
+
+
+@needs_toolkit
+def test_the_wheel_contains_the_compiled_extension(tmp_path):
+    wheel, names = build_wheel(tmp_path, FEATADAPT_CUDA_ARCHS=CI_ARCHS, FEATADAPT_SKIP_CUDA_BUILD="0")
+    assert [n for n in names if n.startswith("featadapt/_C.") and n.endswith(".so")], names
+    assert "featadapt/kernels/cuda.py" in names
+    assert "-none-any" not in wheel.name  # a platform wheel, since it carries a binary
+
+
+def test_skipping_the_build_gives_a_pure_python_wheel(tmp_path):
+    wheel, names = build_wheel(tmp_path, FEATADAPT_SKIP_CUDA_BUILD="1")
+    assert wheel.name.endswith("-py3-none-any.whl")
+    assert not [n for n in names if n.endswith(".so")]
+    assert "featadapt/ops/cuda_backend.py" in names
+
+
+@needs_toolkit
+@pytest.mark.parametrize("archs,message", [
+    ("7.5", "need compute capability 8.0 or newer"),
+    ("sm_90", "expected entries like '9.0'"),
+    (" ; ", "must list compute capabilities"),
+])
+def test_bad_architecture_lists_are_refused(archs, message):
+    done = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "FEATADAPT_CUDA_ARCHS": archs, "FEATADAPT_SKIP_CUDA_BUILD": "0"},
+    )
+    assert done.returncode != 0
+    assert "FEATADAPT_CUDA_ARCHS" in done.stderr and message in done.stderr
