@@ -1,6 +1,7 @@
 """featadapt: fused kernels for feature-space fine-tuning (VeFA, LoRFA) and the LoRA baseline."""
 
 from .adapter_files import load_adapters, save_adapters
+from .distributed import save_adapters_distributed
 from .model import (
     inject,
     merge_adapters,
@@ -26,6 +27,7 @@ __all__ = [
     "merge_adapters",
     "print_trainable_parameters",
     "save_adapters",
+    "save_adapters_distributed",
     "trainable_parameters",
     "unload",
     "unmerge_adapters",

@@ -12,11 +12,11 @@ import os
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .fileio import write_atomically
 from .model import adapter_class, adapter_layers, freeze_all_but_adapters, replace_module
 from .nn import AdapterLinear
+from .nn.layers import BASE_TYPES, is_supported_base
 from .version import __version__
 
 WEIGHTS_FILE = "adapters.safetensors"
@@ -29,17 +29,53 @@ def _module_spec(layer):
     return {"method": layer.method, **layer.config()}
 
 
-def save_adapters(model, path):
-    """Save every adapter of `model` into the directory `path` (created if missing)."""
-    layers = adapter_layers(model)
+def _unwrap(model):
+    """The module inside a DistributedDataParallel wrapper, so that names carry
+    no "module." prefix and files move freely between wrapped and plain models."""
+    if torch.distributed.is_available():
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel):
+            return model.module
+    return model
+
+
+def _is_dtensor(tensor):
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _saved_layers(model, caller):
+    layers = adapter_layers(_unwrap(model))
     if not layers:
-        raise ValueError("save_adapters: the model has no adapter layers; call featadapt.inject first")
+        raise ValueError(f"{caller}: the model has no adapter layers; call featadapt.inject first")
+    return layers
+
+
+def _local_tensors(layers):
+    tensors = {}
+    for name, layer in layers:
+        for pname, param in layer.named_parameters(recurse=False):
+            if _is_dtensor(param):
+                # Its local shard is only part of the tensor, and gathering the rest is a
+                # collective that every rank must join: save_adapters runs on one rank.
+                raise ValueError(
+                    f"save_adapters: parameter {name}.{pname} is sharded (a DTensor, e.g. under FSDP2 "
+                    "fully_shard); call featadapt.save_adapters_distributed(model, path) "
+                    "on every rank instead"
+                )
+            tensors[f"{name}.{pname}"] = param.detach()
+    return tensors
+
+
+def write_adapter_files(layers, tensors, path):
+    """Write `tensors` ("<module>.<parameter>" -> full tensor) and the config of
+    `layers` ((name, adapter layer) pairs) into the directory `path`."""
     os.makedirs(path, exist_ok=True)
-    tensors = {
-        f"{name}.{pname}": param.detach().to("cpu").contiguous()
-        for name, layer in layers
-        for pname, param in layer.named_parameters(recurse=False)
-    }
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     methods = sorted({layer.method for _, layer in layers})
     config = {
         "format": FORMAT,
@@ -59,6 +95,16 @@ def save_adapters(model, path):
     write_atomically(os.path.join(path, CONFIG_FILE), write_config)
 
 
+def save_adapters(model, path):
+    """Save every adapter of `model` into the directory `path` (created if missing).
+
+    A DistributedDataParallel model is saved as the model it wraps. A model whose
+    adapters are sharded (FSDP2) needs featadapt.save_adapters_distributed.
+    """
+    layers = _saved_layers(model, "save_adapters")
+    write_adapter_files(layers, _local_tensors(layers), path)
+
+
 def read_adapter_config(path):
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
@@ -75,7 +121,7 @@ def read_adapter_config(path):
 
 def _layer_for(model_modules, name, spec, backend):
     """The adapter layer that will receive module `name`'s tensors: the model's
-    own, or a new one around its nn.Linear. Raises on any mismatch."""
+    own, or a new one around its nn.Linear or Conv1D. Raises on any mismatch."""
     module = model_modules.get(name)
     if module is None:
         raise ValueError(f"load_adapters: the adapter file has module {name!r}, which the model does not have")
@@ -88,19 +134,34 @@ def _layer_for(model_modules, name, spec, backend):
                 f"the file a {method} adapter with {options}"
             )
         return module
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"load_adapters: module {name!r} is a {type(module).__name__}, not an nn.Linear")
+    if not is_supported_base(module):
+        raise TypeError(f"load_adapters: module {name!r} is a {type(module).__name__}, not {BASE_TYPES}")
     return adapter_class(method)(module, **options, backend=backend)
+
+
+def _like(param, value):
+    """`value` laid out as `param`: for a sharded parameter (a DTensor, e.g. under
+    FSDP2), this rank's shard of it. Every rank reads the same file, so each cuts
+    its own shard out of its copy, with no communication."""
+    if not _is_dtensor(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    value = value.to(device=param.to_local().device, dtype=param.dtype)
+    return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def load_adapters(model, path, *, backend=None):
     """Load adapters saved by `save_adapters` into `model`, in place.
 
-    Modules that are plain nn.Linear layers get the saved adapter injected
+    Modules that are plain nn.Linear (or Conv1D) layers get the saved adapter injected
     (computing with `backend`, automatic by default); modules that already
     carry one must match its method and hyper-parameters. Every check runs
-    before anything is changed. Returns the loaded names.
+    before anything is changed. A DistributedDataParallel model loads into the
+    model it wraps; sharded (FSDP2) adapters load on every rank, each rank keeping
+    its shard. Returns the loaded names.
     """
+    model = _unwrap(model)
     config = read_adapter_config(path)
     tensors = load_file(os.path.join(path, WEIGHTS_FILE))
     model_modules = dict(model.named_modules())
@@ -134,7 +195,7 @@ def load_adapters(model, path, *, backend=None):
             layer.unmerge()
         with torch.no_grad():
             for pname, param in layer.named_parameters(recurse=False):
-                param.copy_(tensors[f"{name}.{pname}"])
+                param.copy_(_like(param, tensors[f"{name}.{pname}"]))
         if was_merged:
             layer.merge()
     if injected:

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .nn import ADAPTER_CLASSES, AdapterLinear
+from .nn.layers import BASE_TYPES, is_conv1d, is_supported_base
 
 ALL_LINEAR = "all-linear"
 
@@ -26,7 +27,8 @@ def adapter_layers(model):
 
 def _output_head(model, linears):
     """The layer "all-linear" leaves alone: the model's output embeddings when it
-    declares them (transformers models do), otherwise its last nn.Linear."""
+    declares them (transformers models do), otherwise its last nn.Linear (heads
+    are nn.Linear; GPT-2's Conv1D layers are never its output head)."""
     get_output = getattr(model, "get_output_embeddings", None)
     if callable(get_output):
         head = get_output()
@@ -52,7 +54,7 @@ def matching_modules(model, target_modules):
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
         linears = [(n, m) for n, m in modules if type(m) is nn.Linear]
         head = _output_head(model, linears)
-        return [(n, m) for n, m in linears if m is not head]
+        return [(n, m) for n, m in modules if (type(m) is nn.Linear or is_conv1d(m)) and m is not head]
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
         if not all(isinstance(t, str) for t in target_modules):
@@ -66,10 +68,10 @@ def matching_modules(model, target_modules):
                 f"module {name!r} is the output projection of an nn.MultiheadAttention, which reads "
                 "its weight directly and would bypass an adapter"
             )
-        if not isinstance(module, nn.Linear):
+        if not is_supported_base(module):
             raise TypeError(
                 f"module {name!r} matched target_modules={target_modules!r} but is a "
-                f"{type(module).__name__}, not an nn.Linear"
+                f"{type(module).__name__}, not {BASE_TYPES}"
             )
     return matched
 
@@ -98,18 +100,21 @@ def freeze_all_but_adapters(model):
 
 
 def inject(model, method, target_modules=ALL_LINEAR, **config):
-    """Wrap the selected nn.Linear layers of `model` in `method`'s adapter, in place.
+    """Wrap the selected linear layers of `model` in `method`'s adapter, in place.
 
     method: "vefa", "lorfa" or "lora". target_modules: "all-linear" (every
-    nn.Linear but the output head), a list of module-name suffixes, or a regex
-    matched against the full module name. config goes to the adapter class
-    (e.g. r=8, alpha=16 for LoRA/LoRFA; shift=True for VeFA).
+    nn.Linear and transformers' Conv1D, as in GPT-2, but the output head), a
+    list of module-name suffixes, or a regex matched against the full module
+    name. config goes to the adapter class (e.g. r=8, alpha=16 for
+    LoRA/LoRFA; shift=True for VeFA).
     Freezes everything that is not an adapter; returns the replaced names.
     """
     cls = _check_config(method, config)
     matched = matching_modules(model, target_modules)
     if not matched:
-        raise ValueError(f"inject: no nn.Linear module matched target_modules={target_modules!r}")
+        raise ValueError(
+            f"inject: no nn.Linear module matched target_modules={target_modules!r} (nor any transformers' Conv1D)"
+        )
     for name, module in matched:
         replace_module(model, name, cls(module, **config))
     freeze_all_but_adapters(model)
@@ -147,7 +152,7 @@ def unmerge_adapters(model):
 
 
 def unload(model, merge=True):
-    """Replace every adapter layer by its plain nn.Linear: merged (merge=True)
+    """Replace every adapter layer by its base layer (nn.Linear or Conv1D): merged (merge=True)
     or with the original pretrained weight (merge=False). Returns the model."""
     for name, layer in adapter_layers(model):
         if merge and not layer.merged:

@@ -215,3 +215,17 @@ class Case:
 
     def dropout_for(self, method):
         return self.dropout_p if method != "vefa" else 0.0
+
+
+def tiny_gpt2(seed=0):
+    """A randomly initialised 2-layer GPT-2 (transformers' Conv1D layers; no download),
+    with its own dropout off so that outputs are deterministic."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0,  # the defaults (50256) lie outside this vocabulary
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config)

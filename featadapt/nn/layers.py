@@ -1,4 +1,5 @@
-"""VeFALinear, LoRFALinear and LoRALinear: a frozen nn.Linear plus an adapter.
+"""VeFALinear, LoRFALinear and LoRALinear: a frozen nn.Linear (or transformers'
+Conv1D, as in GPT-2) plus an adapter.
 
 Each starts exactly equal to its base layer. `merge()` folds the adapter into
 the base weight for zero-overhead inference; `unmerge()` restores the original
@@ -8,6 +9,7 @@ subtracting the delta, would not be exact in floating point).
 
 import math
 import numbers
+import sys
 import warnings
 
 import torch
@@ -15,6 +17,25 @@ from torch import nn
 
 from ..ops import lora_linear, lorfa_linear, vefa_linear
 from ..ops.validation import check_dropout
+
+
+def is_conv1d(module):
+    """Whether `module` is transformers' Conv1D (GPT-2's layers: y = x @ weight + bias,
+    weight stored (in_features, out_features)).
+
+    transformers stays optional: it is never imported here. A Conv1D can only
+    exist once transformers.pytorch_utils is loaded, so the class is looked up there.
+    """
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_supported_base(module):
+    """nn.Linear or transformers' Conv1D: the layers an adapter can wrap."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+BASE_TYPES = "an nn.Linear or transformers' Conv1D"
 
 
 def _adapter_dtype(base_weight, dtype):
@@ -34,6 +55,13 @@ def _wide_dtype(*tensors):
 class AdapterLinear(nn.Module):
     """Shared machinery: the frozen base layer, merge state and the weight views.
 
+    The base layer is an nn.Linear or transformers' Conv1D. A Conv1D stores its
+    weight transposed, (in_features, out_features): the ops get the free view
+    ``weight.T`` (N, K), never a copy, and merging writes back in the Conv1D's
+    own layout. `weight` and `bias` are the base layer's parameters as stored;
+    `original_weight()`, `effective_weight()` and `delta_weight()` are always
+    (out_features, in_features).
+
     Subclasses set `method`, create their parameters, and implement
     `_adapted_forward(x)`, `_merged_weight(w0)`, `_merged_bias(w0, b0)` and
     `config()` (the keyword arguments that rebuild them).
@@ -42,12 +70,14 @@ class AdapterLinear(nn.Module):
     method = None
 
     def __init__(self, base_layer, *, backend=None):
-        if not isinstance(base_layer, nn.Linear):
+        if not is_supported_base(base_layer):
             raise TypeError(
-                f"{type(self).__name__}: base_layer must be an nn.Linear, got {type(base_layer).__name__}"
+                f"{type(self).__name__}: base_layer must be {BASE_TYPES}, got {type(base_layer).__name__}"
             )
         super().__init__()
         self.base_layer = base_layer
+        # A plain bool, fixed at construction, so torch.compile sees a constant.
+        self.transposed_base = is_conv1d(base_layer)
         base_layer.requires_grad_(False)
         self.backend = backend
         self.merged = False
@@ -58,11 +88,13 @@ class AdapterLinear(nn.Module):
 
     @property
     def in_features(self):
-        return self.base_layer.in_features
+        base = self.base_layer
+        return base.weight.shape[0] if self.transposed_base else base.in_features
 
     @property
     def out_features(self):
-        return self.base_layer.out_features
+        base = self.base_layer
+        return base.weight.shape[1] if self.transposed_base else base.out_features
 
     @property
     def weight(self):
@@ -82,9 +114,17 @@ class AdapterLinear(nn.Module):
 
     # -- weights -----------------------------------------------------------
 
+    def _as_nk(self, stored):
+        """A weight in the base layer's storage layout, viewed as (N, K) (no copy)."""
+        return stored.T if self.transposed_base else stored
+
+    def _w0(self):
+        """The base weight the ops compute with: (N, K), a view for a Conv1D."""
+        return self._as_nk(self.base_layer.weight)
+
     def original_weight(self):
-        """The pretrained weight W0, whether or not the adapter is merged."""
-        return self.weight_before_merge if self.merged else self.base_layer.weight
+        """The pretrained weight W0 (N, K), whether or not the adapter is merged."""
+        return self._as_nk(self.weight_before_merge if self.merged else self.base_layer.weight)
 
     def original_bias(self):
         """The pretrained bias (None if the base layer had none), merged or not."""
@@ -120,10 +160,12 @@ class AdapterLinear(nn.Module):
             warnings.warn(f"{type(self).__name__}.merge(): already merged; nothing to do", stacklevel=2)
             return
         base = self.base_layer
-        new_weight = self._merged_weight(base.weight)
-        new_bias = self._merged_bias(base.weight, base.bias)
+        w0 = self._w0()
+        new_weight = self._merged_weight(w0)
+        new_bias = self._merged_bias(w0, base.bias)
+        # Kept in the stored layout, so that unmerge() copies it back as it was.
         self.weight_before_merge = base.weight.detach().clone()
-        base.weight.copy_(new_weight)
+        w0.copy_(new_weight)  # through the (N, K) view: into the base layer's own layout
         if new_bias is not None:
             if base.bias is None:
                 base.bias = nn.Parameter(new_bias.to(base.weight.dtype), requires_grad=False)
@@ -172,15 +214,15 @@ class VeFALinear(AdapterLinear):
     def __init__(self, base_layer, *, shift=False, backend=None, dtype=None):
         super().__init__(base_layer, backend=backend)
         kwargs = self._adapter_kwargs(base_layer, dtype)
-        self.scale = nn.Parameter(torch.ones(base_layer.in_features, **kwargs))
-        self.shift = nn.Parameter(torch.zeros(base_layer.in_features, **kwargs)) if shift else None
+        self.scale = nn.Parameter(torch.ones(self.in_features, **kwargs))
+        self.shift = nn.Parameter(torch.zeros(self.in_features, **kwargs)) if shift else None
 
     def config(self):
         return {"shift": self.shift is not None}
 
     def _adapted_forward(self, x):
         base = self.base_layer
-        return vefa_linear(x, base.weight, self.scale, base.bias, self.shift, backend=self.backend)
+        return vefa_linear(x, self._w0(), self.scale, base.bias, self.shift, backend=self.backend)
 
     def _merged_weight(self, w0):
         dtype = _wide_dtype(w0, self.scale)
@@ -200,8 +242,8 @@ class _LowRankLinear(AdapterLinear):
     def __init__(self, base_layer, r, alpha, dropout, rslora, b_rows_from, backend, dtype):
         name = type(self).__name__
         super().__init__(base_layer, backend=backend)
-        k = base_layer.in_features
-        b_rows = getattr(base_layer, b_rows_from)
+        k = self.in_features
+        b_rows = getattr(self, b_rows_from)
         if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= k:
             raise ValueError(f"{name}: r must be an integer in [1, in_features={k}], got {r!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
@@ -241,7 +283,7 @@ class LoRFALinear(_LowRankLinear):
     def _adapted_forward(self, x):
         base = self.base_layer
         return lorfa_linear(
-            x, base.weight, self.lora_A, self.lora_B, base.bias,
+            x, self._w0(), self.lora_A, self.lora_B, base.bias,
             scaling=self.scaling, dropout_p=self._dropout_p(), backend=self.backend,
         )
 
@@ -263,7 +305,7 @@ class LoRALinear(_LowRankLinear):
     def _adapted_forward(self, x):
         base = self.base_layer
         return lora_linear(
-            x, base.weight, self.lora_A, self.lora_B, base.bias,
+            x, self._w0(), self.lora_A, self.lora_B, base.bias,
             scaling=self.scaling, dropout_p=self._dropout_p(), backend=self.backend,
         )
 
