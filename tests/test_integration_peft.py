@@ -1,0 +1,664 @@
+"""featadapt.integrations.peft against the real peft package: VeFA and LoRFA as
+PEFT methods, and `accelerate` of PEFT's own IA3 (feedforward) and LoRA layers.
+
+Models are tiny and randomly initialised from a config (no downloads): an MLP
+whose second layer has no bias (so VeFA's shift has to create one on merge)
+and a two-layer BERT with hidden size 32.
+"""
+
+import copy
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("peft", minversion="0.21")  # featadapt.integrations.peft.MIN_PEFT
+
+from helpers import TOL, rel_err  # noqa: E402
+from peft import IA3Config, LoraConfig, PeftModel, PeftType, get_peft_model  # noqa: E402
+from peft.mapping import (  # noqa: E402
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
+from safetensors.torch import load_file  # noqa: E402
+
+import featadapt  # noqa: E402
+import featadapt.integrations.peft as fp  # noqa: E402
+from featadapt.integrations.peft import LoRFAConfig, VeFAConfig, accelerate, restore, set_backend  # noqa: E402
+
+# Noise from transformers/PEFT internals that these tests cannot avoid.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning"),
+]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = [torch.float32, torch.float64]
+TARGETS = ["lin0", "lin1"]
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(17, 23)
+        self.lin1 = nn.Linear(23, 19, bias=False)
+        self.head = nn.Linear(19, 5)
+
+    def forward(self, x):
+        return mlp_forward(self, x)
+
+
+def mlp_forward(base, x, lin0=None, lin1=None):
+    """The MLP's forward, with lin0 / lin1 replaced by the given callables."""
+    h = torch.relu((lin0 or base.lin0)(x))
+    h = torch.relu((lin1 or base.lin1)(h))
+    return base.head(h)
+
+
+def make_mlp(dtype):
+    return MLP().to(dtype)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=16,
+    )
+    return BertModel(config).eval()
+
+
+def layer(model, name):
+    """The (PEFT) layer called `name` inside a PeftModel."""
+    return model.base_model.model.get_submodule(name)
+
+
+def peft_model(base, config):
+    """get_peft_model on a copy, so `base` stays the untouched reference."""
+    return get_peft_model(copy.deepcopy(base), config)
+
+
+def vefa_manual(base, model, adapters=("default",)):
+    """Plain torch VeFA for lin0/lin1 from the model's own parameter tensors,
+    adapters applied in order: x -> x ⊙ s + t -> ... -> W0."""
+
+    def apply(name):
+        peft_layer, linear = layer(model, name), base.get_submodule(name)
+
+        def forward(h):
+            for adapter in adapters:
+                h = h * peft_layer.vefa_scale[adapter]
+                if adapter in peft_layer.vefa_shift:
+                    h = h + peft_layer.vefa_shift[adapter]
+            return F.linear(h, linear.weight, linear.bias)
+
+        return forward
+
+    return {name: apply(name) for name in TARGETS}
+
+
+def lorfa_manual(base, model, adapters=("default",)):
+    """Plain torch LoRFA: x̃ = x + Σ γ (x Aᵀ) Bᵀ, then W0."""
+
+    def apply(name):
+        peft_layer, linear = layer(model, name), base.get_submodule(name)
+
+        def forward(h):
+            x_tilde = h
+            for adapter in adapters:
+                A, B = peft_layer.lorfa_A[adapter], peft_layer.lorfa_B[adapter]
+                x_tilde = x_tilde + peft_layer.scaling[adapter] * (h @ A.T) @ B.T
+            return F.linear(x_tilde, linear.weight, linear.bias)
+
+        return forward
+
+    return {name: apply(name) for name in TARGETS}
+
+
+def adapter_params(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close(out, ref, dtype, what="output"):
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
+
+
+def assert_grads_close(out, ref, params, dtype):
+    """Gradients of <out, dy> and <ref, dy> w.r.t. params agree (and are non-zero)."""
+    dy = torch.randn_like(out)
+    names = list(params)
+    got = torch.autograd.grad(out, [params[n] for n in names], dy)
+    want = torch.autograd.grad(ref, [params[n] for n in names], dy)
+    for name, g, w in zip(names, got, want):
+        assert w.abs().sum() > 0, f"{name}: reference gradient is zero; the test would not see a bug"
+        assert_close(g, w, dtype, f"d{name}")
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+
+def test_methods_are_registered_as_real_peft_type_members():
+    for name, config_cls, model_cls in (("VEFA", VeFAConfig, fp.VeFAModel), ("LORFA", LoRFAConfig, fp.LoRFAModel)):
+        member = PeftType[name]
+        assert isinstance(member, PeftType) and member.value == name  # transformers reads .value
+        assert PeftType(name) is member and member in list(PeftType)
+        assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is config_cls
+        assert PEFT_TYPE_TO_TUNER_MAPPING[member] is model_cls
+        assert PEFT_TYPE_TO_PREFIX_MAPPING[member] == model_cls.prefix == name.lower() + "_"
+    assert VeFAConfig(target_modules=["a"]).peft_type is PeftType.VEFA
+    assert LoRFAConfig(target_modules=["a"]).peft_type is PeftType.LORFA
+
+
+def test_peft_stays_an_optional_dependency():
+    script = textwrap.dedent(
+        """
+        import sys
+        import featadapt, featadapt.integrations
+        assert "peft" not in sys.modules, "import featadapt imported peft"
+        sys.modules["peft"] = None  # as if peft were not installed
+        try:
+            import featadapt.integrations.peft
+        except ImportError as exc:
+            assert "pip install featadapt[peft]" in str(exc), exc
+        else:
+            raise AssertionError("no ImportError without peft")
+        print("ok")
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+def test_registration_survives_a_second_import_and_a_reload():
+    saved = dict(vars(fp))
+    import featadapt.integrations.peft  # noqa: F401  (a second import is a no-op)
+
+    try:
+        importlib.reload(fp)  # runs the registration again, with new classes
+        assert fp.VeFAModel is not saved["VeFAModel"]
+        assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.VEFA] is fp.VeFAModel
+        assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.LORFA] is fp.LoRFAConfig
+        assert [member.name for member in PeftType].count("VEFA") == 1
+        model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), fp.VeFAConfig(target_modules=["0"]))
+        assert type(model.base_model) is fp.VeFAModel
+    finally:
+        # Back to the classes this file imported, registered again.
+        vars(fp).update(saved)
+        fp._register()
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.VEFA] is saved["VeFAModel"]
+
+
+@pytest.mark.parametrize(
+    "config_cls, kwargs, message",
+    [
+        (VeFAConfig, {}, "VeFAConfig: target_modules is required"),
+        (VeFAConfig, {"target_modules": [1]}, "VeFAConfig: target_modules must contain only strings, got [1]"),
+        (VeFAConfig, {"target_modules": ["a"], "shift": 1}, "VeFAConfig: shift must be True or False, got 1"),
+        (VeFAConfig, {"target_modules": "lin.*", "layers_to_transform": [0]},
+         "layers_to_transform works only with a list"),
+        (LoRFAConfig, {"target_modules": ["a"], "r": 0}, "LoRFAConfig: r must be an integer >= 1, got 0"),
+        (LoRFAConfig, {"target_modules": ["a"], "r": 2.5}, "LoRFAConfig: r must be an integer >= 1, got 2.5"),
+        (LoRFAConfig, {"target_modules": ["a"], "lora_alpha": float("nan")},
+         "lora_alpha must be a finite real number, got nan"),
+        (LoRFAConfig, {"target_modules": ["a"], "lora_dropout": 1.0},
+         "lora_dropout must be a number in [0, 1), got 1.0"),
+        (LoRFAConfig, {"target_modules": ["a"], "use_rslora": "yes"}, "use_rslora must be True or False, got 'yes'"),
+    ],
+)
+def test_bad_config_values_name_the_argument(config_cls, kwargs, message):
+    with pytest.raises(ValueError) as info:
+        config_cls(**kwargs)
+    assert message in str(info.value)
+
+
+def test_bad_targets_name_the_module():
+    base = make_mlp(torch.float32)
+    with pytest.raises(ValueError, match=r"r must be at most in_features=17 for module 'lin0', got 18"):
+        peft_model(base, LoRFAConfig(r=18, target_modules=["lin0"]))
+    conv = nn.Sequential(nn.Conv1d(3, 4, 1))
+    with pytest.raises(TypeError, match=r"VeFA: module '0' is a Conv1d, but featadapt's VeFA layers wrap plain"):
+        get_peft_model(conv, VeFAConfig(target_modules=["0"]))
+
+
+# ---------------------------------------------------------------------------
+# The methods' math, through featadapt's ops
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shift", [False, True])
+def test_vefa_equals_plain_torch_math(dtype, shift):
+    base = make_mlp(dtype)
+    model = peft_model(base, VeFAConfig(target_modules=TARGETS, shift=shift, init_weights=False))
+    x = torch.randn(2, 3, 17, dtype=dtype)
+    out = model(x)
+    ref = mlp_forward(base, x, **vefa_manual(base, model))
+    assert out.dtype == dtype and rel_err(ref, base(x)) > 1e-3  # the adapter matters
+    assert_close(out, ref, dtype)
+    assert_grads_close(out, ref, adapter_params(model), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lorfa_equals_plain_torch_math(dtype, rslora):
+    base = make_mlp(dtype)
+    config = LoRFAConfig(r=3, lora_alpha=5, use_rslora=rslora, target_modules=TARGETS, init_weights=False)
+    model = peft_model(base, config)
+    assert layer(model, "lin0").scaling["default"] == (5 / 3 ** 0.5 if rslora else 5 / 3)
+    x = torch.randn(2, 3, 17, dtype=dtype)
+    out = model(x)
+    ref = mlp_forward(base, x, **lorfa_manual(base, model))
+    assert rel_err(ref, base(x)) > 1e-3
+    assert_close(out, ref, dtype)
+    assert_grads_close(out, ref, adapter_params(model), dtype)
+
+
+@pytest.mark.parametrize("config", [VeFAConfig(target_modules=TARGETS), LoRFAConfig(target_modules=TARGETS)])
+def test_a_new_adapter_starts_as_the_base_model(config):
+    base = make_mlp(torch.float64)
+    x = torch.randn(4, 17, dtype=torch.float64)
+    assert_close(peft_model(base, copy.deepcopy(config))(x), base(x), torch.float64)
+
+
+@pytest.mark.parametrize("config", [VeFAConfig(target_modules=TARGETS, shift=True, init_weights=False),
+                                    LoRFAConfig(target_modules=TARGETS, init_weights=False)])
+def test_layers_call_featadapt_ops_through_the_backend_dispatch(config, monkeypatch):
+    base = make_mlp(torch.float32)
+    model = peft_model(base, config)
+    x = torch.randn(4, 17)
+    expected = model(x)
+    monkeypatch.setenv("FEATADAPT_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        model(x)
+    assert set_backend(model, "reference") == 2  # an explicit backend beats the environment
+    assert_close(model(x), expected, torch.float32)
+    with pytest.raises(ValueError, match="set_backend: unknown backend 'bogus'"):
+        set_backend(model, "bogus")
+
+
+def test_gradients_reach_only_adapter_parameters():
+    base = make_mlp(torch.float32)
+    model = peft_model(base, LoRFAConfig(r=2, target_modules=TARGETS, init_weights=False))
+    model(torch.randn(4, 17)).square().sum().backward()
+    for name, param in model.named_parameters():
+        is_adapter = ".lorfa_A." in name or ".lorfa_B." in name
+        assert param.requires_grad == is_adapter, name
+        if is_adapter:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (VeFAConfig(target_modules=TARGETS), 17 + 23),
+        (VeFAConfig(target_modules=TARGETS, shift=True), 2 * (17 + 23)),
+        (LoRFAConfig(r=4, target_modules=TARGETS), 2 * 4 * 17 + 2 * 4 * 23),
+    ],
+)
+def test_print_trainable_parameters_counts_only_adapter_parameters(config, expected, capsys):
+    base = make_mlp(torch.float32)
+    model = peft_model(base, config)
+    model.print_trainable_parameters()
+    printed = capsys.readouterr().out
+    base_count = sum(p.numel() for p in base.parameters())
+    assert f"trainable params: {expected:,} || all params: {base_count + expected:,}" in printed, printed
+
+
+# ---------------------------------------------------------------------------
+# PEFT's model-level API
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, peft_type, prefix",
+    [
+        (VeFAConfig(target_modules=["query", "value", "dense"], shift=True, init_weights=False), "VEFA", "vefa_"),
+        (LoRFAConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_weights=False), "LORFA", "lorfa_"),
+    ],
+)
+def test_save_pretrained_and_from_pretrained_round_trip(config, peft_type, prefix, tmp_path):
+    base = tiny_bert()
+    model = peft_model(base, config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    out = model(input_ids=ids).last_hidden_state
+    assert rel_err(out, base(input_ids=ids).last_hidden_state) > 1e-4
+    model.save_pretrained(tmp_path)
+
+    saved_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved_config["peft_type"] == peft_type
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    trainable = adapter_params(model)
+    assert len(tensors) == len(trainable) and all(f".{prefix}" in key for key in tensors)
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert type(loaded.base_model) is type(model.base_model)
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference by default
+    assert torch.equal(loaded(input_ids=ids).last_hidden_state, out)
+    trainable_again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert set(adapter_params(trainable_again)) == set(trainable)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [VeFAConfig(target_modules=TARGETS, shift=True, init_weights=False),
+                                    LoRFAConfig(r=3, target_modules=TARGETS, init_weights=False)],
+                         ids=["vefa", "lorfa"])
+def test_merge_and_unload_equals_the_unmerged_model(dtype, config):
+    base = make_mlp(dtype)
+    model = peft_model(base, copy.deepcopy(config))
+    x = torch.randn(5, 17, dtype=dtype)
+    with torch.no_grad():
+        out = model(x)
+        merged = model.merge_and_unload()
+        assert type(merged.lin0) is nn.Linear and type(merged.lin1) is nn.Linear
+        assert (merged.lin1.bias is not None) == isinstance(config, VeFAConfig)  # VeFA's shift became a bias
+        assert_close(merged(x), out, dtype)
+
+
+@pytest.mark.parametrize("config", [VeFAConfig(target_modules=TARGETS, shift=True, init_weights=False),
+                                    LoRFAConfig(r=3, target_modules=TARGETS, init_weights=False)],
+                         ids=["vefa", "lorfa"])
+def test_merge_adapter_and_unmerge_restore_the_base_weights_exactly(config):
+    base = make_mlp(torch.float32)
+    model = peft_model(base, copy.deepcopy(config))
+    x = torch.randn(5, 17)
+    with torch.no_grad():
+        out = model(x)
+        model.merge_adapter()
+        assert layer(model, "lin0").merged
+        assert_close(model(x), out, torch.float32)
+        with model.disable_adapter():  # as PEFT: disabling a merged layer unmerges it
+            assert torch.equal(model(x), base(x))
+        assert not layer(model, "lin0").merged
+        model.merge_adapter()
+        model.unmerge_adapter()
+        for name in TARGETS:
+            assert torch.equal(layer(model, name).base_layer.weight, base.get_submodule(name).weight)
+        assert layer(model, "lin1").base_layer.bias is None
+        assert torch.equal(model(x), out)
+
+
+@pytest.mark.parametrize("config", [VeFAConfig(target_modules=TARGETS, shift=True, init_weights=False),
+                                    LoRFAConfig(r=3, target_modules=TARGETS, init_weights=False)],
+                         ids=["vefa", "lorfa"])
+def test_disable_adapter_gives_the_base_output(config):
+    base = make_mlp(torch.float32)
+    model = peft_model(base, config)
+    x = torch.randn(5, 17)
+    out = model(x)
+    with model.disable_adapter():
+        assert torch.equal(model(x), base(x))
+    assert torch.equal(model(x), out)
+
+
+@pytest.mark.parametrize("method", ["vefa", "lorfa"])
+def test_named_adapters_switch_with_set_adapter_and_compose_when_active_together(method):
+    dtype = torch.float64
+    if method == "vefa":
+        make, manual = (lambda: VeFAConfig(target_modules=TARGETS, shift=True, init_weights=False)), vefa_manual
+    else:
+        make, manual = (lambda: LoRFAConfig(r=2, target_modules=TARGETS, init_weights=False)), lorfa_manual
+    base = make_mlp(dtype)
+    model = peft_model(base, make())
+    model.add_adapter("second", make())
+    x = torch.randn(5, 17, dtype=dtype)
+    first = model(x)
+    assert_close(first, mlp_forward(base, x, **manual(base, model, ["default"])), dtype)
+
+    model.set_adapter("second")
+    second = model(x)
+    assert rel_err(second, first) > 1e-3
+    assert_close(second, mlp_forward(base, x, **manual(base, model, ["second"])), dtype)
+    assert all(".second" in name for name in adapter_params(model))  # only the active adapter trains
+    model.set_adapter("default")
+    assert torch.equal(model(x), first)
+
+    # Several active adapters: VeFA composes them in order, LoRFA adds them up;
+    # merging them gives the same layer.
+    model.base_model.set_adapter(["default", "second"])
+    both = model(x)
+    assert_close(both, mlp_forward(base, x, **manual(base, model, ["default", "second"])), dtype)
+    with torch.no_grad():
+        assert_close(model.merge_and_unload()(x), both, dtype)
+
+
+def test_transformers_adapter_methods_take_featadapt_configs(tmp_path):
+    base = tiny_bert()
+    ids = torch.randint(0, 50, (2, 7))
+    ref = base(input_ids=ids).last_hidden_state
+    model = copy.deepcopy(base)
+    model.add_adapter(VeFAConfig(target_modules=["value", "dense"], init_weights=False), adapter_name="featadapt")
+    assert isinstance(model.encoder.layer[0].attention.self.value, fp.VeFAPeftLinear)
+    out = model(input_ids=ids).last_hidden_state
+    assert rel_err(out, ref) > 1e-4
+    model.disable_adapters()
+    assert torch.equal(model(input_ids=ids).last_hidden_state, ref)
+    model.enable_adapters()
+    model.save_pretrained(tmp_path)
+    other = copy.deepcopy(base)
+    other.load_adapter(str(tmp_path), adapter_name="featadapt")
+    assert torch.equal(other(input_ids=ids).last_hidden_state, out)
+    # PEFT's own methods keep working beside featadapt's registration.
+    other.add_adapter(LoraConfig(target_modules=["query"], init_lora_weights=False), adapter_name="lora")
+    assert other.active_adapters() == ["lora"]
+    assert rel_err(other(input_ids=ids).last_hidden_state, ref) > 1e-4
+    other.set_adapter("featadapt")
+    assert torch.equal(other(input_ids=ids).last_hidden_state, out)
+
+
+# ---------------------------------------------------------------------------
+# accelerate: PEFT's IA3 (feedforward) and LoRA layers on featadapt's ops
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls `accelerate`d layers make to featadapt's ops."""
+    calls = {"vefa_linear": 0, "lora_linear": 0}
+
+    def spy(name):
+        op = getattr(fp, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return op(*args, **kwargs)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(fp, name, spy(name))
+    return calls
+
+
+def check_accelerated_matches_peft(model, x, dtype, op_calls, op, expected_names):
+    """Output and adapter gradients with and without `accelerate` agree, and
+    the accelerated run really calls featadapt's `op` once per layer."""
+    params = adapter_params(model)
+    ref = model(x)
+    assert op_calls[op] == 0
+    report = accelerate(model)
+    assert report.accelerated == expected_names and report.skipped == {}
+    out = model(x)
+    assert op_calls[op] == len(expected_names)
+    assert_close(out, ref, dtype)
+    assert_grads_close(out, ref, params, dtype)
+    clone = copy.deepcopy(model)  # the copy's forward runs the copy's own layers
+    clone_layer = clone.base_model.model.lin0
+    assert clone_layer.forward.layer is clone_layer
+    assert torch.equal(clone(x), out)
+    assert restore(model) == expected_names
+    model(x)
+    assert op_calls[op] == 2 * len(expected_names)  # the clone's calls; restored: PEFT's forward again
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accelerate_ia3_feedforward_equals_peft(dtype, op_calls):
+    base = make_mlp(dtype)
+    config = IA3Config(target_modules=TARGETS, feedforward_modules=TARGETS, init_ia3_weights=False)
+    model = peft_model(base, config)
+    check_accelerated_matches_peft(model, torch.randn(2, 3, 17, dtype=dtype), dtype, op_calls, "vefa_linear",
+                                   ["base_model.model.lin0", "base_model.model.lin1"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rslora", [False, True])
+def test_accelerate_lora_equals_peft(dtype, rslora, op_calls):
+    base = make_mlp(dtype)
+    config = LoraConfig(r=3, lora_alpha=5, use_rslora=rslora, target_modules=TARGETS, init_lora_weights=False)
+    model = peft_model(base, config)
+    check_accelerated_matches_peft(model, torch.randn(2, 3, 17, dtype=dtype), dtype, op_calls, "lora_linear",
+                                   ["base_model.model.lin0", "base_model.model.lin1"])
+
+
+def test_accelerate_lora_on_a_transformer(op_calls):
+    base = tiny_bert()
+    model = peft_model(base, LoraConfig(r=4, target_modules=["query", "value", "dense"], init_lora_weights=False))
+    ids = torch.randint(0, 50, (2, 7))
+    ref = model(input_ids=ids).last_hidden_state
+    report = accelerate(model)
+    assert len(report.accelerated) == 2 * 5 + 1 and report.skipped == {}  # q, v, 3 dense per layer; the pooler
+    out = model(input_ids=ids).last_hidden_state
+    assert op_calls["lora_linear"] == 2 * 5 + 1
+    assert_close(out, ref, torch.float32)
+
+
+def test_accelerate_lora_dropout_uses_the_layers_p(op_calls):
+    dtype = torch.float64
+    base = make_mlp(dtype)
+    model = peft_model(base, LoraConfig(r=3, lora_alpha=5, lora_dropout=0.3, target_modules=TARGETS,
+                                        init_lora_weights=False))
+    x = torch.randn(6, 17, dtype=dtype)
+    model.eval()
+    ref = model(x)
+    accelerate(model)
+    assert_close(model(x), ref, dtype)  # eval: no dropout on either side
+
+    # Training: the fused op draws its own mask (not nn.Dropout's), so compare
+    # with lora_linear called directly with the layer's p and the same seeds.
+    model.train()
+    torch.manual_seed(7)
+    out = model(x)
+    torch.manual_seed(7)
+
+    def fused(name):
+        peft_layer = layer(model, name)
+        return lambda h: featadapt.lora_linear(
+            h, peft_layer.base_layer.weight, peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight,
+            peft_layer.base_layer.bias, scaling=peft_layer.scaling["default"], dropout_p=0.3,
+        )
+
+    expected = mlp_forward(base, x, lin0=fused("lin0"), lin1=fused("lin1"))
+    assert rel_err(out, ref) > 1e-3  # dropout did something
+    assert_close(out, expected, dtype)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_params(model).values())
+
+
+def _conv_model():
+    class WithConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.lin0 = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin0(self.conv(x).mean((2, 3)))
+
+    return WithConv()
+
+
+def _two_active_lora(base):
+    model = peft_model(base, LoraConfig(r=2, target_modules=["lin0"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["lin0"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    return model
+
+
+def _forward_replaced(base):
+    model = peft_model(base, LoraConfig(r=2, target_modules=["lin0"], init_lora_weights=False))
+    peft_layer = layer(model, "lin0")
+    peft_layer.forward = lambda x, _layer=peft_layer: type(_layer).forward(_layer, x)  # e.g. an accelerate hook
+    return model
+
+
+@pytest.mark.parametrize(
+    "build, skipped_name, reason",
+    [
+        (lambda b: peft_model(b, IA3Config(target_modules=["lin0"], feedforward_modules=[])),
+         "lin0", "IA3 in output mode"),
+        (lambda b: peft_model(b, LoraConfig(r=2, target_modules=["lin0"], use_dora=True)),
+         "lin0", "adapter 'default' is a LoRA variant (DoraLinearVariant"),
+        (lambda b: peft_model(b, LoraConfig(r=2, target_modules=["lin0"], lora_bias=True)),
+         "lin0", "adapter 'default' has lora_bias=True"),
+        (lambda b: peft_model(_conv_model(), LoraConfig(r=2, target_modules=["conv"])),
+         "conv", "peft.tuners.lora.layer.Conv2d is not PEFT's IA3 or LoRA Linear layer"),
+        (_two_active_lora, "lin0", "2 active adapters ['default', 'other']"),
+        (_forward_replaced, "lin0", "forward is already replaced"),
+    ],
+    ids=["ia3-output-mode", "dora", "lora-bias", "conv", "two-active-adapters", "forward-replaced"],
+)
+def test_accelerate_leaves_unsupported_layers_alone_and_says_why(build, skipped_name, reason, op_calls):
+    model = build(make_mlp(torch.float32))
+    x = torch.randn(2, 3, 4, 4) if skipped_name == "conv" else torch.randn(4, 17)
+    ref = model(x)
+    report = accelerate(model)
+    name = "base_model.model." + skipped_name
+    assert name in report.skipped and reason in report.skipped[name], report.skipped
+    assert name not in report.accelerated and f"skipped: {name}" in str(report)
+    assert torch.equal(model(x), ref)
+    assert op_calls == {"vefa_linear": 0, "lora_linear": 0}
+
+
+def test_accelerated_layers_keep_peft_behaviour_when_merged_disabled_or_switched(op_calls):
+    dtype = torch.float64
+    base = make_mlp(dtype)
+    model = peft_model(base, LoraConfig(r=3, target_modules=TARGETS, init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS, init_lora_weights=False))
+    x = torch.randn(5, 17, dtype=dtype)
+
+    def peft_outputs():
+        """PEFT's own outputs for: default, other, default+other, merged default, disabled."""
+        with torch.no_grad():
+            outputs = {}
+            for active in (["default"], ["other"], ["default", "other"]):
+                model.base_model.set_adapter(active)
+                outputs["+".join(active)] = model(x)
+            model.set_adapter("default")
+            model.merge_adapter()
+            outputs["merged"] = model(x)
+            model.unmerge_adapter()
+            with model.disable_adapter():
+                outputs["disabled"] = model(x)
+        return outputs
+
+    ref = peft_outputs()
+    assert len(accelerate(model).accelerated) == 2
+    calls_before = op_calls["lora_linear"]
+    got = peft_outputs()
+    # Fused for "default" and "other" (2 layers each); PEFT's forward otherwise.
+    assert op_calls["lora_linear"] - calls_before == 4
+    for key, value in ref.items():
+        assert_close(got[key], value, dtype, key)
+    assert_close(got["disabled"], base(x), dtype)  # PEFT's LoRA unmerge subtracts: close, not bit-exact
+
+
+def test_accelerate_checks_its_arguments():
+    with pytest.raises(TypeError, match="accelerate: model must be a torch.nn.Module"):
+        accelerate("not a model")
+    with pytest.raises(ValueError, match="accelerate: unknown backend 'bogus'"):
+        accelerate(nn.Linear(2, 2), backend="bogus")
