@@ -3,6 +3,7 @@
 import pathlib
 import re
 
+import pytest
 import torch
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -20,6 +21,22 @@ def test_usage_example_runs(tmp_path, monkeypatch):
     plain = namespace["plain"]
     assert all(type(m) in (torch.nn.Linear, torch.nn.GELU) for m in plain)
     assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+
+
+# The integration examples (PEFT, GPT-2, Trainer), after the usage example and the signatures.
+INTEGRATION_BLOCKS = {"peft": 2, "gpt2-conv1d": 3, "trainer": 4}
+
+
+def test_every_python_block_is_checked():
+    assert len(python_blocks()) == 2 + len(INTEGRATION_BLOCKS)
+
+
+@pytest.mark.parametrize("index", INTEGRATION_BLOCKS.values(), ids=INTEGRATION_BLOCKS.keys())
+def test_integration_example_runs(index, tmp_path, monkeypatch):
+    """Each runs as written (their own asserts included), in a fresh directory."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python_blocks()[index], "README.md", "exec"), {})
+    assert any(tmp_path.iterdir())  # each saves something
 
 
 def test_functional_signatures_match_the_code():
