@@ -43,7 +43,7 @@ gpu-check: gpu-test gpu-sanitize gpu-bench
 
 gpu-test: $(STAMP)
 	$(PY) -m featadapt.info
-	$(PY) -m pytest tests -m gpu -v
+	$(PY) -m pytest tests -m gpu -v $(PYTEST_ARGS)
 
 gpu-sanitize: $(STAMP)
 	PY=$(PY) tools/sanitize-gpu-tests.sh

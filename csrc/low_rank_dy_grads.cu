@@ -43,8 +43,9 @@ __global__ void __launch_bounds__(kThreads) dy_grads_kernel(const DyGradsArgs ar
 
   Operand u = args.u;
   u.data = static_cast<const T*>(u.data) + j0 * u.stride_red;
-  TileLoader<T, TILE, TILE, kThreads> load_dy(args.dy, args.rows, args.cols);
-  TileLoader<T, TILE, RP, kThreads> load_u(u, args.rows, width);
+  // Bounded by the chunk's end, so no row is counted by two chunks.
+  TileLoader<T, TILE, TILE, kThreads> load_dy(args.dy, m_end, args.cols);
+  TileLoader<T, TILE, RP, kThreads> load_u(u, m_end, width);
   if (want_du) {
     Operand c = args.c;
     c.data = static_cast<const T*>(c.data) + j0 * c.stride_red;

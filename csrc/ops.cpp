@@ -14,6 +14,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -62,19 +64,37 @@ ScalarKind check_first(const char* op, const char* name, const Tensor& t) {
 }
 
 Operand rows_by_depth(const Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
+
+// The kernels index the (N,) and (K,) vectors (bias, scale, shift) as
+// contiguous: strided views are copied (a contiguous one is returned as is).
+// The result must outlive the launch.
+Tensor unit_stride(const std::optional<Tensor>& t) { return t ? t->contiguous() : Tensor(); }
+
+template <typename T = void>
+T* pointer(const Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
 Operand transposed(const Tensor& t) { return {t.data_ptr(), t.stride(1), t.stride(0)}; }
 
 // (c10's CUDA headers only: ATen's CUDA context pulls in the cuBLAS and
 // cuSPARSE headers, which a minimal toolkit does not have.)
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// The current device's SM count, asked once per device.
 int num_sms() {
-  int device = 0, count = 0;
+  static std::array<std::atomic<int>, 64> known{};
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device >= static_cast<int>(known.size())) device = static_cast<int>(known.size()) - 1;  // (never in practice)
+  int count = known[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    known[device].store(count, std::memory_order_relaxed);
+  }
   return count;
 }
 
+// (Both tile configurations are square, so block_rows is also the column tile.)
 void check_grid(const char* op, int64_t rows, int64_t cols, int block_rows) {
   const int64_t tiles = ((rows + block_rows - 1) / block_rows) * ((cols + block_rows - 1) / block_rows);
   TORCH_CHECK(tiles < (int64_t{1} << 31), op, ": the output (", rows, ", ", cols, ") has too many tiles for one launch");
@@ -119,9 +139,10 @@ Tensor scaled_gemm(const Tensor& x, const Tensor& weight, const std::optional<Te
   args.a = rows_by_depth(x);
   args.b = rows_by_depth(weight);
   args.depth = k;
-  args.a_scale = scale.data_ptr<float>();
-  args.a_shift = shift ? shift->data_ptr<float>() : nullptr;
-  args.bias = bias ? bias->data_ptr() : nullptr;
+  const Tensor scale_c = unit_stride(scale), shift_c = unit_stride(shift), bias_c = unit_stride(bias);
+  args.a_scale = pointer<float>(scale_c);
+  args.a_shift = pointer<float>(shift_c);
+  args.bias = pointer(bias_c);
   launch(kind, args);
   return y;
 }
@@ -152,7 +173,8 @@ std::tuple<Tensor, Tensor, Tensor> scaled_gemm_backward(const Tensor& dy, const 
     args.a = rows_by_depth(dy);
     args.b = transposed(weight);
     args.depth = n;
-    args.col_scale = need_dx ? scale.data_ptr<float>() : nullptr;
+    const Tensor scale_c = unit_stride(scale);
+    args.col_scale = need_dx ? pointer<float>(scale_c) : nullptr;
     args.colsum_part = need_dshift ? dshift_part.data_ptr<float>() : nullptr;
     args.colsum_x_part = need_dscale ? dscale_part.data_ptr<float>() : nullptr;
     args.sum_x = rows_by_depth(x);
@@ -188,7 +210,8 @@ Tensor low_rank_gemm(const Tensor& x, const Tensor& weight, const std::optional<
   args.a2 = rows_by_depth(u);
   args.b2 = rows_by_depth(c);
   args.rank = r;
-  args.bias = bias ? bias->data_ptr() : nullptr;
+  const Tensor bias_c = unit_stride(bias);
+  args.bias = pointer(bias_c);
   launch(kind, args);
   return y;
 }
@@ -253,6 +276,7 @@ std::tuple<Tensor, Tensor> low_rank_dy_grads(const Tensor& dy, const Tensor& u, 
   const int64_t chunk = std::max<int64_t>(((m + wanted - 1) / wanted + tile - 1) / tile, 1) * tile;
   const int64_t chunks = (m + chunk - 1) / chunk;
   TORCH_CHECK(col_tiles < (int64_t{1} << 31), op, ": dy has too many columns for one launch: ", n);
+  TORCH_CHECK(chunks <= 65535 && (r + 63) / 64 <= 65535, op, ": rank ", r, " is too large for one launch");
 
   const auto f32 = dy.options().dtype(at::kFloat);
   Tensor du_part = at::empty(need_du ? at::IntArrayRef{col_tiles, m, r} : at::IntArrayRef{0}, f32);

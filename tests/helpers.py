@@ -229,3 +229,19 @@ def tiny_gpt2(seed=0):
     )
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(config)
+
+
+def strided_parameter_inputs(method, device):
+    """Inputs for `method` whose scale, shift and bias are strided views (a
+    column of a wider matrix): kernels must not read them as contiguous."""
+    t = to_device(make_inputs(method, (37,), 33, 17, r=4, requires_grad=False), device)
+    for name in ("scale", "shift", "bias"):
+        if t.get(name) is not None:
+            wide = torch.randn(t[name].shape[0], 3, device=device, dtype=t[name].dtype)
+            wide[:, 1] = t[name]
+            t[name] = wide[:, 1]
+            assert t[name].stride() == (3,)
+    for name in ("x", "scale", "shift", "lora_A", "lora_B"):
+        if t.get(name) is not None:
+            t[name].requires_grad_(True)
+    return t

@@ -29,6 +29,7 @@ from helpers import (
     make_inputs,
     rel_err,
     saved_activation_bytes,
+    strided_parameter_inputs,
     to_device,
 )
 
@@ -191,6 +192,12 @@ def test_gpu_unaligned_and_transposed_operands(method, dtype):
         if t.get(name) is not None:
             t[name].requires_grad_(True)
     check_against_float64_reference(method, "cuda", t, dropout_p=0.1 if method != "vefa" else 0.0)
+
+
+@gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_strided_parameter_vectors(method):
+    check_against_float64_reference(method, "cuda", strided_parameter_inputs(method, "cuda"))
 
 
 @gpu

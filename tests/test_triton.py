@@ -34,6 +34,7 @@ from helpers import (
     make_inputs,
     rel_err,
     saved_activation_bytes,
+    strided_parameter_inputs,
     to_device,
     to_float64,
 )
@@ -388,3 +389,9 @@ def test_gpu_auto_picks_triton(monkeypatch, method, dtype):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     t = to_device(make_inputs(method, (4,), 17, 13, r=3, dtype=dtype), "cuda")
     assert chosen_name(method, t) == "triton"
+
+
+@runs_here
+@pytest.mark.parametrize("method", METHODS)
+def test_strided_parameter_vectors(method):
+    check_against_float64_reference(method, "triton", strided_parameter_inputs(method, DEVICE))

@@ -24,6 +24,12 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 GROUP_M = 8  # output tiles are visited GROUP_M row-tiles at a time, for L2 reuse of the column operand
 
 
+def unit_stride(*vectors):
+    """The (N,) or (K,) vectors (bias, scale, shift) with unit stride: the kernels
+    index them as contiguous. None stays None; a contiguous vector is not copied."""
+    return tuple(None if v is None else v.contiguous() for v in vectors)
+
+
 def input_precision(dtype):
     """tl.dot's precision for float32 operands: true float32 unless torch allows TF32."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET, accumulate_dot, autotune, input_precision, launch_grid, m_bucket, output_tile, rank_block
+from . import INTERPRET, unit_stride, accumulate_dot, autotune, input_precision, launch_grid, m_bucket, output_tile, rank_block
 
 
 @autotune(key=["M_BUCKET", "N", "K", "R"])
@@ -91,6 +91,7 @@ def low_rank_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """y = x weightᵀ + u cᵀ + bias for x (M, K), weight (N, K), u (M, r), c (N, r),
     all of x's dtype (c already carries γ); y has x's dtype."""
+    (bias,) = unit_stride(bias)
     m, k = x.shape
     n, r = c.shape
     y = x.new_empty((m, n))

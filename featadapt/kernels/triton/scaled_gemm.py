@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import accumulate_dot, autotune, input_precision, launch_grid, m_bucket, output_tile, partial_block_m
+from . import unit_stride, accumulate_dot, autotune, input_precision, launch_grid, m_bucket, output_tile, partial_block_m
 
 
 @autotune(key=["M_BUCKET", "N", "K"])
@@ -88,6 +88,7 @@ def _backward_kernel(
 def scaled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 scale: torch.Tensor, shift: Optional[torch.Tensor]) -> torch.Tensor:
     """y = (x ⊙ scale + shift) weightᵀ + bias for x (M, K), weight (N, K); y has x's dtype."""
+    bias, scale, shift = unit_stride(bias, scale, shift)
     m, k = x.shape
     n = weight.shape[0]
     y = x.new_empty((m, n))
@@ -111,6 +112,7 @@ def scaled_gemm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     dx has x's dtype; dscale and dshift are float32 (K,). Each is empty
     unless asked for.
     """
+    (scale,) = unit_stride(scale)
     m, k = x.shape
     n = weight.shape[0]
     block_m = partial_block_m(m)
