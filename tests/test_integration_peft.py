@@ -2,8 +2,9 @@
 PEFT methods, and `accelerate` of PEFT's own IA3 (feedforward) and LoRA layers.
 
 Models are tiny and randomly initialised from a config (no downloads): an MLP
-whose second layer has no bias (so VeFA's shift has to create one on merge)
-and a two-layer BERT with hidden size 32.
+whose second layer has no bias (so VeFA's shift has to create one on merge),
+a two-layer BERT with hidden size 32, and a two-layer GPT-2 (transformers'
+Conv1D layers, weight stored (in_features, out_features)).
 """
 
 import copy
@@ -21,14 +22,16 @@ from torch import nn
 
 pytest.importorskip("peft", minversion="0.21")  # featadapt.integrations.peft.MIN_PEFT
 
-from helpers import TOL, rel_err  # noqa: E402
+from helpers import TOL, rel_err, tiny_gpt2  # noqa: E402
 from peft import IA3Config, LoraConfig, PeftModel, PeftType, get_peft_model  # noqa: E402
 from peft.mapping import (  # noqa: E402
     PEFT_TYPE_TO_CONFIG_MAPPING,
     PEFT_TYPE_TO_PREFIX_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import featadapt  # noqa: E402
 import featadapt.integrations.peft as fp  # noqa: E402
@@ -87,9 +90,14 @@ def peft_model(base, config):
     return get_peft_model(copy.deepcopy(base), config)
 
 
-def vefa_manual(base, model, adapters=("default",)):
-    """Plain torch VeFA for lin0/lin1 from the model's own parameter tensors,
-    adapters applied in order: x -> x ⊙ s + t -> ... -> W0."""
+def w0_of(module):
+    """W0 (out_features, in_features) of an nn.Linear, or of a Conv1D: its weight.T."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def vefa_manual(base, model, adapters=("default",), names=TARGETS):
+    """Plain torch VeFA for `names` (lin0/lin1) from the model's own parameter
+    tensors, adapters applied in order: x -> x ⊙ s + t -> ... -> W0."""
 
     def apply(name):
         peft_layer, linear = layer(model, name), base.get_submodule(name)
@@ -99,14 +107,14 @@ def vefa_manual(base, model, adapters=("default",)):
                 h = h * peft_layer.vefa_scale[adapter]
                 if adapter in peft_layer.vefa_shift:
                     h = h + peft_layer.vefa_shift[adapter]
-            return F.linear(h, linear.weight, linear.bias)
+            return F.linear(h, w0_of(linear), linear.bias)
 
         return forward
 
-    return {name: apply(name) for name in TARGETS}
+    return {name: apply(name) for name in names}
 
 
-def lorfa_manual(base, model, adapters=("default",)):
+def lorfa_manual(base, model, adapters=("default",), names=TARGETS):
     """Plain torch LoRFA: x̃ = x + Σ γ (x Aᵀ) Bᵀ, then W0."""
 
     def apply(name):
@@ -117,11 +125,11 @@ def lorfa_manual(base, model, adapters=("default",)):
             for adapter in adapters:
                 A, B = peft_layer.lorfa_A[adapter], peft_layer.lorfa_B[adapter]
                 x_tilde = x_tilde + peft_layer.scaling[adapter] * (h @ A.T) @ B.T
-            return F.linear(x_tilde, linear.weight, linear.bias)
+            return F.linear(x_tilde, w0_of(linear), linear.bias)
 
         return forward
 
-    return {name: apply(name) for name in TARGETS}
+    return {name: apply(name) for name in names}
 
 
 def adapter_params(model):
@@ -230,8 +238,18 @@ def test_bad_targets_name_the_module():
     with pytest.raises(ValueError, match=r"r must be at most in_features=17 for module 'lin0', got 18"):
         peft_model(base, LoRFAConfig(r=18, target_modules=["lin0"]))
     conv = nn.Sequential(nn.Conv1d(3, 4, 1))
-    with pytest.raises(TypeError, match=r"VeFA: module '0' is a Conv1d, but featadapt's VeFA layers wrap plain"):
+    accepted = r"wrap only an nn\.Linear or transformers' Conv1D with its class's own forward"
+    with pytest.raises(TypeError, match=r"VeFA: module '0' is a Conv1d, but featadapt's VeFA layers " + accepted):
         get_peft_model(conv, VeFAConfig(target_modules=["0"]))
+
+    class OwnForwardConv1D(Conv1D):  # e.g. a quantized Conv1D: the fused ops cannot stand in for it
+        def forward(self, x):
+            return super().forward(x)
+
+    with pytest.raises(TypeError, match=r"LoRFA: module '0' is a OwnForwardConv1D, but .* " + accepted):
+        get_peft_model(nn.Sequential(OwnForwardConv1D(4, 3)), LoRFAConfig(r=2, target_modules=["0"]))
+    with pytest.raises(TypeError, match=r"VeFAPeftLinear: base_layer must be an nn\.Linear or transformers' Conv1D"):
+        fp.VeFAPeftLinear(nn.Conv1d(3, 4, 1), "default", VeFAConfig(target_modules=["0"]))
 
 
 # ---------------------------------------------------------------------------
@@ -462,6 +480,159 @@ def test_transformers_adapter_methods_take_featadapt_configs(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# transformers' Conv1D (GPT-2): W0 is the free view conv.weight.T
+# ---------------------------------------------------------------------------
+
+GPT2_CONV1D = [f"transformer.h.{i}.{name}" for i in range(2)
+               for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+GPT2_METHODS = {
+    # "all-linear" is PEFT's: every nn.Linear and Conv1D but the output layer (lm_head).
+    "vefa": (lambda **kw: VeFAConfig(target_modules="all-linear", shift=True, **kw), GPT2_CONV1D),
+    "lorfa": (lambda **kw: LoRFAConfig(r=4, target_modules=["c_attn", "c_fc"], **kw),
+              [n for n in GPT2_CONV1D if n.endswith(("c_attn", "c_fc"))]),
+}
+GPT2_LAYERS = {"vefa": fp.VeFAPeftLinear, "lorfa": fp.LoRFAPeftLinear}
+GPT2_MANUAL = {"vefa": vefa_manual, "lorfa": lorfa_manual}
+
+
+def gpt2_ids(batch=2, length=9):
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(3))
+
+
+def gpt2_adapted(model):
+    """{name relative to the GPT-2: the PEFT layer} for every tuner layer in a PeftModel."""
+    inner = model.base_model.model
+    return {name: m for name, m in inner.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def gpt2_reference(base, manual):
+    """A copy of `base` whose adapted Conv1D layers return `manual`'s plain-torch forward instead."""
+    ref = copy.deepcopy(base)
+    for name, forward in manual.items():
+        ref.get_submodule(name).register_forward_hook(lambda module, args, out, f=forward: f(args[0]))
+    return ref
+
+
+@pytest.mark.parametrize("method", GPT2_METHODS)
+def test_gpt2_adapts_exactly_the_conv1d_layers_in_place(method):
+    make, names = GPT2_METHODS[method]
+    base = tiny_gpt2().eval()
+    model = copy.deepcopy(base)
+    weights = {n: (m.weight, m.weight.data_ptr()) for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert sorted(weights) == sorted(GPT2_CONV1D)
+    model = get_peft_model(model, make())
+    adapted = gpt2_adapted(model)
+    assert sorted(adapted) == sorted(names)
+    inner = model.base_model.model
+    for name, (weight, ptr) in weights.items():
+        module = inner.get_submodule(name)
+        if name in names:  # wrapped around the Conv1D itself: its weight neither copied nor transposed
+            assert type(module) is GPT2_LAYERS[method] and type(module.base_layer) is Conv1D
+            assert module.base_layer.weight is weight and weight.data_ptr() == ptr
+            assert (module.in_features, module.out_features) == tuple(weight.shape)
+        else:
+            assert type(module) is Conv1D
+    assert type(inner.lm_head) is nn.Linear  # "all-linear" leaves the output layer out, as PEFT does
+    assert inner.lm_head.weight is inner.transformer.wte.weight  # still tied
+    ids = gpt2_ids()
+    with torch.no_grad():
+        assert_close(model(ids).logits, base(ids).logits, torch.float32, "logits at init")
+
+
+@pytest.mark.parametrize("method", GPT2_METHODS)
+def test_gpt2_equals_plain_torch_math_with_w0_from_the_conv1d_weight(method):
+    dtype = torch.float64
+    make, names = GPT2_METHODS[method]
+    base = tiny_gpt2().to(dtype).eval()
+    model = peft_model(base, make(init_weights=False))
+    ids = gpt2_ids()
+    out = model(ids).logits
+    ref = gpt2_reference(base, GPT2_MANUAL[method](base, model, names=names))(ids).logits
+    assert rel_err(ref, base(ids).logits) > 1e-3  # the adapters matter
+    assert_close(out, ref, dtype, "logits")
+    assert_grads_close(out, ref, adapter_params(model), dtype)
+    # get_delta_weight is (out_features, in_features), from W0 = conv.weight.T.
+    for name, peft_layer in gpt2_adapted(model).items():
+        w0 = base.get_submodule(name).weight.T
+        if method == "vefa":
+            effective = w0 * peft_layer.vefa_scale["default"]
+        else:
+            A, B = peft_layer.lorfa_A["default"], peft_layer.lorfa_B["default"]
+            effective = w0 + peft_layer.scaling["default"] * w0 @ B @ A
+        delta = peft_layer.get_delta_weight("default")
+        assert delta.shape == w0.shape == (peft_layer.out_features, peft_layer.in_features)
+        assert_close(delta, effective - w0, dtype, f"{name} delta weight")
+
+
+@pytest.mark.parametrize("method", GPT2_METHODS)
+def test_gpt2_merge_writes_the_conv1d_layout_and_unmerge_is_exact(method):
+    make, names = GPT2_METHODS[method]
+    base = tiny_gpt2().eval()
+    model = peft_model(base, make(init_weights=False))
+    ids = gpt2_ids()
+    layers = gpt2_adapted(model)
+    with torch.no_grad():
+        out = model(ids).logits
+        deltas = {n: m.get_delta_weight("default") for n, m in layers.items()}
+        ptrs = {n: m.base_layer.weight.data_ptr() for n, m in layers.items()}
+        model.merge_adapter()
+        for name, peft_layer in layers.items():
+            weight, original = peft_layer.base_layer.weight, base.get_submodule(name).weight
+            # merged in the Conv1D's own (in_features, out_features) storage
+            assert peft_layer.merged and weight.shape == original.shape and weight.data_ptr() == ptrs[name]
+            assert_close(weight, original + deltas[name].T, torch.float32, f"{name} merged weight")
+        assert_close(model(ids).logits, out, torch.float32, "merged logits")
+        model.unmerge_adapter()
+        for name, peft_layer in layers.items():
+            conv, original = peft_layer.base_layer, base.get_submodule(name)
+            assert torch.equal(conv.weight, original.weight) and torch.equal(conv.bias, original.bias), name
+            assert conv.weight.is_contiguous()
+        assert torch.equal(model(ids).logits, out)
+
+        unloaded = model.merge_and_unload()
+        for name in GPT2_CONV1D:
+            assert type(unloaded.get_submodule(name)) is Conv1D, name
+        assert type(unloaded.lm_head) is nn.Linear
+        assert not any(isinstance(m, BaseTunerLayer) for m in unloaded.modules())
+        assert_close(unloaded(ids).logits, out, torch.float32, "unloaded logits")
+
+
+@pytest.mark.parametrize("method", GPT2_METHODS)
+def test_gpt2_save_pretrained_and_from_pretrained_round_trip(method, tmp_path):
+    make, names = GPT2_METHODS[method]
+    base = tiny_gpt2().eval()
+    model = peft_model(base, make(init_weights=False)).eval()
+    ids = gpt2_ids()
+    with torch.no_grad():
+        out = model(ids).logits
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+        adapted = gpt2_adapted(loaded)
+        assert sorted(adapted) == sorted(names)
+        assert all(type(m.base_layer) is Conv1D for m in adapted.values())
+        assert torch.equal(loaded(ids).logits, out)
+
+
+@pytest.mark.parametrize("method", GPT2_METHODS)
+def test_gpt2_gradients_reach_only_adapter_parameters(method):
+    make, names = GPT2_METHODS[method]
+    model = peft_model(tiny_gpt2(), make(init_weights=False))
+    ids = gpt2_ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    keys = (".vefa_scale.", ".vefa_shift.") if method == "vefa" else (".lorfa_A.", ".lorfa_B.")
+    adapters = 0
+    for name, param in model.named_parameters():
+        is_adapter = any(key in name for key in keys)
+        adapters += is_adapter
+        assert param.requires_grad == is_adapter, name
+        if is_adapter:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+    assert adapters == 2 * len(names)
+
+
+# ---------------------------------------------------------------------------
 # accelerate: PEFT's IA3 (feedforward) and LoRA layers on featadapt's ops
 # ---------------------------------------------------------------------------
 
@@ -621,6 +792,15 @@ def test_accelerate_leaves_unsupported_layers_alone_and_says_why(build, skipped_
     assert name in report.skipped and reason in report.skipped[name], report.skipped
     assert name not in report.accelerated and f"skipped: {name}" in str(report)
     assert torch.equal(model(x), ref)
+    assert op_calls == {"vefa_linear": 0, "lora_linear": 0}
+
+
+def test_accelerate_still_leaves_peft_lora_on_conv1d_alone(op_calls):
+    model = peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    report = accelerate(model)
+    assert report.accelerated == [] and len(report.skipped) == 2
+    assert all("its base layer is a Conv1D" in reason for reason in report.skipped.values()), report.skipped
+    model(gpt2_ids())
     assert op_calls == {"vefa_linear": 0, "lora_linear": 0}
 
 

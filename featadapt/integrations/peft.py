@@ -8,7 +8,9 @@ Two things:
    (save_pretrained / PeftModel.from_pretrained, merge_and_unload,
    disable_adapter, add_adapter / set_adapter), and the layers compute with
    featadapt's fused ops (`featadapt.ops.vefa_linear` / `lorfa_linear`, so the
-   backend dispatch applies).
+   backend dispatch applies). They wrap nn.Linear layers and transformers'
+   Conv1D (GPT-2's layers, weight stored (in_features, out_features)): the ops
+   get the free view ``weight.T`` and merging writes in the Conv1D's own layout.
 2. `accelerate(peft_model)`: runs existing PEFT IA3 feedforward layers (IA3 in
    feedforward mode computes ``base(x * ia3_l)``, VeFA without shift) and plain
    LoRA Linear layers on featadapt's fused ops, in place; `restore` undoes it.
@@ -20,6 +22,7 @@ transformers that reads ``peft_config.peft_type.value``.
 
 import math
 import numbers
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
@@ -53,6 +56,7 @@ if Version(peft.__version__) < Version(MIN_PEFT):
         f"featadapt.integrations.peft needs peft>={MIN_PEFT}, found {peft.__version__}: pip install -U peft"
     )
 
+from ..nn.layers import BASE_TYPES, is_conv1d, is_supported_base
 from ..ops import get_backend, lorfa_linear, lora_linear, vefa_linear
 
 __all__ = [
@@ -151,8 +155,9 @@ def _check_targets(owner, config):
 
 _TARGET_HELP = (
     "The modules to adapt: a list of module names (a name matches itself and any module whose name ends "
-    "with '.' + it), a regex matched against the full module name, or 'all-linear'. Only plain nn.Linear "
-    "layers can be adapted."
+    "with '.' + it), a regex matched against the full module name, or 'all-linear'. Only nn.Linear layers "
+    "and transformers' Conv1D (as in GPT-2) can be adapted; 'all-linear' takes both and leaves out the "
+    "output layer (e.g. lm_head)."
 )
 
 
@@ -181,7 +186,8 @@ class VeFAConfig(_TargetedConfig):
 
     Args:
         target_modules: the modules to adapt (names, name suffixes, a regex, or
-            "all-linear"); required. Only plain nn.Linear layers.
+            "all-linear"); required. Only nn.Linear layers and transformers'
+            Conv1D (as in GPT-2).
         exclude_modules: modules not to adapt (same forms).
         shift: also learn the per-input-channel shift t (starts at 0).
         init_weights: True (default) starts at the identity (scale 1, shift 0);
@@ -216,7 +222,8 @@ class LoRFAConfig(_TargetedConfig):
         lora_dropout: dropout probability on the adapter path's input, in [0, 1).
         use_rslora: γ = lora_alpha / sqrt(r) instead of lora_alpha / r.
         target_modules: the modules to adapt (names, name suffixes, a regex, or
-            "all-linear"); required. Only plain nn.Linear layers.
+            "all-linear"); required. Only nn.Linear layers and transformers'
+            Conv1D (as in GPT-2).
         exclude_modules: modules not to adapt (same forms).
         init_weights: True (default) starts at the identity (B = 0); False
             draws a random B too, for tests only.
@@ -254,6 +261,18 @@ class LoRFAConfig(_TargetedConfig):
 # ---------------------------------------------------------------------------
 
 
+def _is_plain_base(module):
+    """What featadapt's PEFT layers can wrap: a plain nn.Linear (see
+    `_is_plain_linear`) or transformers' Conv1D whose forward is Conv1D's own
+    and whose weight is a float tensor."""
+    if not is_supported_base(module):
+        return False
+    if is_conv1d(module):  # so transformers.pytorch_utils is loaded (peft imports it anyway)
+        conv1d = sys.modules["transformers.pytorch_utils"].Conv1D
+        return type(module).forward is conv1d.forward and module.weight.is_floating_point()
+    return _is_plain_linear(module)
+
+
 def _is_plain_linear(module):
     """An nn.Linear whose forward is nn.Linear's and whose weight is a float tensor:
     what the fused ops can stand in for. Quantized linears (e.g. bitsandbytes)
@@ -275,6 +294,12 @@ def _wide_dtype(*tensors):
 class _FeatureAdapterLayer(BaseTunerLayer):
     """What VeFALayer and LoRFALayer share: the forward's states and exact merging.
 
+    The base layer is a plain nn.Linear or transformers' Conv1D. A Conv1D stores
+    its weight transposed, (in_features, out_features): the ops get the free
+    view ``weight.T`` (N, K) (`_w0`), never a copy; merging writes through that
+    view into the Conv1D's own storage, and the copy kept for unmerge stays in
+    the stored layout. `get_delta_weight` is always (out_features, in_features).
+
     Merging writes ``W0`` combined with every merged adapter into the base layer,
     computed from a copy of ``W0`` (and the bias) kept while merged, so unmerge
     restores the base layer bit for bit (dividing by a scale, or subtracting a
@@ -291,22 +316,35 @@ class _FeatureAdapterLayer(BaseTunerLayer):
 
     def _init_common(self, base_layer):
         name = type(self).__name__
-        if not _is_plain_linear(base_layer):
+        if not _is_plain_base(base_layer):
             raise TypeError(
-                f"{name}: base_layer must be a plain nn.Linear with a floating-point weight, "
-                f"got {type(base_layer).__name__}"
+                f"{name}: base_layer must be {BASE_TYPES} with its class's own forward and a floating-point "
+                f"weight, got {type(base_layer).__name__}"
             )
         self.base_layer = base_layer
         self._disable_adapters = False
         self.merged_adapters = []
         # featadapt backend for this layer's op calls: None = FEATADAPT_BACKEND or automatic.
         self.backend = None
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        # A plain bool, fixed at construction: the base weight is stored (K, N) (a Conv1D).
+        self.transposed_base = is_conv1d(base_layer)
+        if self.transposed_base:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features = base_layer.in_features
+            self.out_features = base_layer.out_features
         # Kept only while merged (see the class docstring); not saved.
         self.register_buffer("weight_before_merge", None, persistent=False)
         self.register_buffer("bias_before_merge", None, persistent=False)
         self._bias_created_by_merge = False
+
+    def _as_nk(self, stored):
+        """A weight in the base layer's storage layout, viewed as (N, K) (no copy)."""
+        return stored.T if self.transposed_base else stored
+
+    def _w0(self):
+        """The base weight the ops compute with: (N, K), a view for a Conv1D."""
+        return self._as_nk(self.get_base_layer().weight)
 
     def _adapters_here(self, names):
         params = getattr(self, self._main_dict)
@@ -336,13 +374,14 @@ class _FeatureAdapterLayer(BaseTunerLayer):
         return self._adapted_forward(x, active)
 
     def _original_weight_and_bias(self):
+        """The pretrained W0 as (N, K) (a view for a Conv1D) and bias, merged or not."""
         base = self.get_base_layer()
         if not self.merged:
-            return base.weight, base.bias
+            return self._as_nk(base.weight), base.bias
         bias = None if self._bias_created_by_merge else (
             self.bias_before_merge if self.bias_before_merge is not None else base.bias
         )
-        return self.weight_before_merge, bias
+        return self._as_nk(self.weight_before_merge), bias
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
@@ -360,10 +399,11 @@ class _FeatureAdapterLayer(BaseTunerLayer):
                 f"NaNs detected in the merged weights. The adapter(s) {names} seem to be broken"
             )
         if not self.merged:
+            # Kept in the stored layout, so that unmerge() copies it back as it was.
             self.weight_before_merge = base.weight.detach().clone()
             if base.bias is not None:
                 self.bias_before_merge = base.bias.detach().clone()
-        base.weight.copy_(weight.to(base.weight.dtype))
+        self._w0().copy_(weight.to(base.weight.dtype))  # through the (N, K) view: into the base's own layout
         if bias is not None:
             if base.bias is None:
                 base.bias = nn.Parameter(bias.to(base.weight.dtype), requires_grad=False)
@@ -390,7 +430,8 @@ class _FeatureAdapterLayer(BaseTunerLayer):
         del self.merged_adapters[:]
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
-        """effective weight − W0 for one adapter, in float32 (float64 for float64 layers)."""
+        """effective weight − W0 for one adapter, (out_features, in_features) also for a
+        Conv1D base, in float32 (float64 for float64 layers)."""
         w0, b0 = self._original_weight_and_bias()
         weight, _ = self._merged(w0, b0, [adapter])
         return weight - w0.to(weight.dtype)
@@ -447,7 +488,7 @@ class VeFALayer(_FeatureAdapterLayer):
     def _adapted_forward(self, x, adapters):
         base = self.base_layer
         scale, shift = self._composed(adapters)
-        return vefa_linear(x, base.weight, scale, base.bias, shift, backend=self.backend)
+        return vefa_linear(x, self._w0(), scale, base.bias, shift, backend=self.backend)
 
     def _merged(self, w0, b0, adapters):
         dtype = _wide_dtype(w0, self.vefa_scale[adapters[0]])
@@ -525,7 +566,7 @@ class LoRFALayer(_FeatureAdapterLayer):
         base = self.base_layer
         A, B, scaling, p = self._factors(adapters)
         return lorfa_linear(
-            x, base.weight, A, B, base.bias,
+            x, self._w0(), A, B, base.bias,
             scaling=scaling, dropout_p=p if self.training else 0.0, backend=self.backend,
         )
 
@@ -540,7 +581,7 @@ class LoRFALayer(_FeatureAdapterLayer):
 
 
 class VeFAPeftLinear(nn.Module, VeFALayer):
-    """A plain nn.Linear with VeFA adapters (PEFT's tuner layer for VeFA)."""
+    """An nn.Linear or transformers' Conv1D with VeFA adapters (PEFT's tuner layer for VeFA)."""
 
     def __init__(self, base_layer, adapter_name: str, config: VeFAConfig, **kwargs) -> None:
         super().__init__()
@@ -556,7 +597,7 @@ class VeFAPeftLinear(nn.Module, VeFALayer):
 
 
 class LoRFAPeftLinear(nn.Module, LoRFALayer):
-    """A plain nn.Linear with LoRFA adapters (PEFT's tuner layer for LoRFA)."""
+    """An nn.Linear or transformers' Conv1D with LoRFA adapters (PEFT's tuner layer for LoRFA)."""
 
     def __init__(self, base_layer, adapter_name: str, config: LoRFAConfig, module_name: str = "", **kwargs) -> None:
         super().__init__()
@@ -577,7 +618,10 @@ class LoRFAPeftLinear(nn.Module, LoRFALayer):
 
 
 class _FeatureAdapterModel(BaseTuner):
-    """The shared BaseTuner: put a layer around each targeted plain nn.Linear."""
+    """The shared BaseTuner: put a layer around each targeted nn.Linear or transformers' Conv1D.
+
+    "all-linear" is PEFT's own: every nn.Linear and Conv1D except a
+    transformers model's output layer (e.g. GPT-2's lm_head)."""
 
     target_module_mapping: Dict[str, List[str]] = {}  # no per-architecture defaults: target_modules is required
     _linear_cls = None
@@ -590,13 +634,14 @@ class _FeatureAdapterModel(BaseTuner):
         if isinstance(target, BaseTunerLayer):
             raise TypeError(
                 f"{method}: module {current_key!r} already carries a {type(target).__name__} adapter of another "
-                "PEFT method; featadapt's layers wrap plain nn.Linear layers only"
+                f"PEFT method; featadapt's layers wrap only {BASE_TYPES}"
             )
-        if not _is_plain_linear(target):
+        if not _is_plain_base(target):
             raise TypeError(
                 f"{method}: module {current_key!r} is a {type(target).__name__}, but featadapt's {method} layers "
-                "wrap plain nn.Linear layers only (not Conv1D, quantized linears or nn.MultiheadAttention's "
-                "out_proj); leave it out of target_modules or add it to exclude_modules"
+                f"wrap only {BASE_TYPES} with its class's own forward and a floating-point weight (not "
+                "quantized linears or nn.MultiheadAttention's out_proj); leave it out of target_modules or "
+                "add it to exclude_modules"
             )
         new_module = self._linear_cls(target, adapter_name, config, module_name=current_key)
         if adapter_name not in self.active_adapters:
