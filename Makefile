@@ -41,9 +41,12 @@ plot: $(STAMP)
 # one device command's time limit).
 gpu-check: gpu-test gpu-sanitize gpu-bench
 
+# GPU_TESTS narrows the run when one device command cannot hold it all,
+# e.g. make gpu-test GPU_TESTS=tests/test_cuda.py
+GPU_TESTS ?= tests
 gpu-test: $(STAMP)
 	$(PY) -m featadapt.info
-	$(PY) -m pytest tests -m gpu -v $(PYTEST_ARGS)
+	$(PY) -m pytest $(GPU_TESTS) -m gpu -v $(PYTEST_ARGS)
 
 gpu-sanitize: $(STAMP)
 	PY=$(PY) tools/sanitize-gpu-tests.sh
