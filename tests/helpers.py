@@ -2,9 +2,11 @@
 calling an op by method name, and saved-activation accounting."""
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import featadapt
 from featadapt.profiling import saved_activation_bytes  # noqa: F401  (re-exported for the tests)
@@ -245,3 +247,22 @@ def strided_parameter_inputs(method, device):
         if t.get(name) is not None:
             t[name].requires_grad_(True)
     return t
+
+
+class OpRecorder(TorchDispatchMode):
+    """Names of the featadapt custom ops run while it is active (backward included), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "featadapt":
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def toolkit_present():
+    """Whether CUDA_HOME names a CUDA toolkit (the Makefile sets it where one is)."""
+    home = os.environ.get("CUDA_HOME", "")
+    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))

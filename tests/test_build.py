@@ -16,13 +16,10 @@ import zipfile
 import pytest
 import torch
 
+from helpers import toolkit_present
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_ARCHS = "9.0"  # one architecture keeps the build short
-
-
-def toolkit_present():
-    home = os.environ.get("CUDA_HOME", "")
-    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
 
 
 needs_toolkit = pytest.mark.skipif(

@@ -18,7 +18,6 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import featadapt
 from featadapt.ops import dispatch, triton_backend
@@ -26,6 +25,7 @@ from helpers import (
     KERNEL_DTYPES,
     METHODS,
     Case,
+    OpRecorder,
     TOL,
     call_op,
     check_against_float64_reference,
@@ -50,21 +50,6 @@ runs_here = pytest.mark.skipif(
 interpreter_only = pytest.mark.skipif(not kernels.INTERPRET, reason="needs TRITON_INTERPRET=1")
 LOW_RANK = ("lorfa", "lora")
 pytestmark = pytest.mark.usefixtures("true_float32")
-
-
-
-
-class OpRecorder(TorchDispatchMode):
-    """Names of the featadapt custom ops run while it is active (backward included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "featadapt":
-            self.ops.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
 
 
 # Tiny odd shapes: the interpreter's tiles are 32 (rows, columns) by 16
