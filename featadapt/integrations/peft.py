@@ -6,7 +6,9 @@ Two things:
    ``get_peft_model(model, VeFAConfig(target_modules=[...]))`` and
    ``LoRFAConfig(r=8, lora_alpha=16, ...)`` work like PEFT's own methods
    (save_pretrained / PeftModel.from_pretrained, merge_and_unload,
-   disable_adapter, add_adapter / set_adapter), and the layers compute with
+   disable_adapter, add_adapter / set_adapter; transformers' model.add_adapter
+   and load_adapter where the installed transformers accepts the installed
+   peft, else a clear PeftVersionError), and the layers compute with
    featadapt's fused ops (`featadapt.ops.vefa_linear` / `lorfa_linear`, so the
    backend dispatch applies). They wrap nn.Linear layers and transformers'
    Conv1D (GPT-2's layers, weight stored (in_features, out_features)): the ops
@@ -58,6 +60,7 @@ if Version(peft.__version__) < Version(MIN_PEFT):
 
 from ..nn.layers import BASE_TYPES, is_conv1d, is_supported_base
 from ..ops import get_backend, lorfa_linear, lora_linear, vefa_linear
+from .transformers_adapters import PeftVersionError, adapter_methods_unsupported_reason, guard_adapter_methods
 
 __all__ = [
     "AccelerationReport",
@@ -65,11 +68,13 @@ __all__ = [
     "LoRFALayer",
     "LoRFAModel",
     "LoRFAPeftLinear",
+    "PeftVersionError",
     "VeFAConfig",
     "VeFALayer",
     "VeFAModel",
     "VeFAPeftLinear",
     "accelerate",
+    "adapter_methods_unsupported_reason",
     "restore",
     "set_backend",
 ]
@@ -690,6 +695,7 @@ def _register():
 
 
 _register()
+guard_adapter_methods()  # transformers' model.add_adapter & co. fail clearly where they need a newer peft
 
 
 def _check_backend(owner, backend):
