@@ -24,6 +24,20 @@ offline_fallback() {
          "using what is importable instead" >&2
 }
 
+# featadapt from this tree without its dependencies. An editable install needs
+# setuptools>=64 and, before 70.1, the wheel package; where neither can be had
+# offline, a .pth file puts the tree on the path and the extension is built in place.
+install_without_deps() {
+    if "$py" -m pip install --no-deps --no-build-isolation -e .; then
+        return
+    fi
+    echo "featadapt set-up: no editable install possible here; adding $(pwd) to the path instead" >&2
+    site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    echo "$(pwd)" > "$site/featadapt-source-tree.pth"
+    "$py" setup.py build_ext --inplace ||
+        echo "featadapt set-up: the CUDA extension was not built (python -m featadapt.info says why)" >&2
+}
+
 case "$what" in
 package)
     if ! "$py" -c "import torch" 2>/dev/null; then
@@ -34,7 +48,7 @@ package)
         "$py" tools/check_pins.py --require test
     else
         offline_fallback
-        "$py" -m pip install --no-deps --no-build-isolation -e .
+        install_without_deps
         "$py" tools/check_pins.py --require test
     fi
     ;;
