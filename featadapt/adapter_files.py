@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .fileio import write_atomically
-from .model import adapter_class, adapter_layers, freeze_all_but_adapters, replace_module
-from .nn import AdapterLinear
-from .nn.layers import BASE_TYPES, is_supported_base
+from .model import ADAPTABLE, adapter_class, adapter_layers, freeze_all_but_adapters, replace_module
+from .nn import AdapterLayer
+from .nn.bases import is_adaptable
 from .version import __version__
 
 WEIGHTS_FILE = "adapters.safetensors"
@@ -127,16 +127,16 @@ def _layer_for(model_modules, name, spec, backend):
         raise ValueError(f"load_adapters: the adapter file has module {name!r}, which the model does not have")
     method = spec["method"]
     options = {k: v for k, v in spec.items() if k != "method"}
-    if isinstance(module, AdapterLinear):
+    if isinstance(module, AdapterLayer):
         if module.method != method or module.config() != options:
             raise ValueError(
                 f"load_adapters: module {name!r} has a {module.method} adapter with {module.config()}, "
                 f"the file a {method} adapter with {options}"
             )
         return module
-    if not is_supported_base(module):
-        raise TypeError(f"load_adapters: module {name!r} is a {type(module).__name__}, not {BASE_TYPES}")
-    return adapter_class(method)(module, **options, backend=backend)
+    if not is_adaptable(module):
+        raise TypeError(f"load_adapters: module {name!r} is a {type(module).__name__}, not {ADAPTABLE}")
+    return adapter_class(method, module)(module, **options, backend=backend)
 
 
 def _like(param, value):

@@ -345,8 +345,9 @@ def model_report(model, k=10, epsilon=0.5, rtol=None):
         raise ValueError(f"{fn}: the model has no adapter layers (add some with featadapt.inject)")
     rows = []
     for name, layer in layers:
-        w_pre = layer.original_weight()
-        w_ft = layer.effective_weight()
+        # (out, in); a convolution's (out, in, *kernel) weight as (out, in·kernel)
+        w_pre = layer.original_weight().flatten(1)
+        w_ft = layer.effective_weight().flatten(1)
         # One SVD of each weight serves both measures.
         u_pre, s_pre, _ = _svd64(w_pre)
         u_ft, s_ft, _ = _svd64(w_ft)

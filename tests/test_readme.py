@@ -27,8 +27,23 @@ def test_usage_example_runs(tmp_path, monkeypatch):
 INTEGRATION_BLOCKS = {"peft": 2, "gpt2-conv1d": 3, "trainer": 4}
 
 
+def quantized_block():
+    return next(block for block in python_blocks() if "bnb.nn.Linear4bit" in block)
+
+
 def test_every_python_block_is_checked():
-    assert len(python_blocks()) == 2 + len(INTEGRATION_BLOCKS)
+    assert len(python_blocks()) == 2 + len(INTEGRATION_BLOCKS) + 1  # + the quantized-base example
+
+
+def test_quantized_base_example_runs():
+    pytest.importorskip("bitsandbytes")
+    namespace = {}
+    exec(compile(quantized_block(), "README.md", "exec"), namespace)
+    plain = namespace["plain"]
+    assert type(plain[0]) is torch.nn.Linear and plain[0].weight.dtype == torch.float32
+    # the float32 weight is the 4-bit one dequantized (the adapter starts at zero): close to, not equal to, the original
+    error = (plain[0].weight - namespace["full"][0].weight).norm() / namespace["full"][0].weight.norm()
+    assert 0 < error < 0.2
 
 
 @pytest.mark.parametrize("index", INTEGRATION_BLOCKS.values(), ids=INTEGRATION_BLOCKS.keys())

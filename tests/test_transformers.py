@@ -256,7 +256,7 @@ def test_errors_name_the_accepted_types(tmp_path):
     with pytest.raises(TypeError, match=r"base_layer must be an nn\.Linear or transformers' Conv1D, got Conv1d"):
         VeFALinear(nn.Conv1d(4, 4, 1))
     model = tiny_gpt2()
-    not_linear = r"'transformer\.ln_f' .* is a LayerNorm, not an nn\.Linear or transformers' Conv1D"
+    not_linear = r"'transformer\.ln_f' .* is a LayerNorm, not an nn\.Linear, transformers' Conv1D, a quantized linear"
     with pytest.raises(TypeError, match=not_linear):
         featadapt.inject(model, "lora", ["ln_f"], r=2)
     with pytest.raises(ValueError, match=r"no nn\.Linear module matched .* \(nor any transformers' Conv1D\)"):
@@ -269,5 +269,9 @@ def test_errors_name_the_accepted_types(tmp_path):
     for block in other.transformer.h:
         block.mlp = nn.Module()
         block.mlp.c_fc = nn.Conv1d(32, 128, 1)
-    with pytest.raises(TypeError, match=r"is a Conv1d, not an nn\.Linear or transformers' Conv1D"):
+    # torch's own Conv1d is a base too (VeFA over its input channels): the file's scales fit it.
+    featadapt.load_adapters(other, tmp_path)
+    assert isinstance(other.transformer.h[0].mlp.c_fc, featadapt.nn.VeFABlackBox)
+    other.transformer.h[1].mlp.c_fc = nn.LayerNorm(32)
+    with pytest.raises(TypeError, match=r"'transformer\.h\.1\.mlp\.c_fc' is a LayerNorm, not an nn\.Linear"):
         featadapt.load_adapters(other, tmp_path)

