@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .nn import ADAPTER_CLASSES, BLACK_BOX_CLASSES, AdapterLayer
-from .nn.bases import LINEAR, QUANTIZED, base_kind, is_adaptable
+from .nn.bases import LINEAR, QUANTIZED, base_kind, guard_bnb_cpu_repacking, is_adaptable
 
 ALL_LINEAR = "all-linear"
 ADAPTABLE = ("an nn.Linear, transformers' Conv1D, a quantized linear (bitsandbytes Linear4bit/Linear8bitLt, "
@@ -102,7 +102,13 @@ def replace_module(model, name, new_module):
 
 
 def freeze_all_but_adapters(model):
-    """Only adapter parameters train: the base layers and everything else are frozen."""
+    """Only adapter parameters train: the base layers and everything else are frozen.
+
+    Every bitsandbytes Linear4bit in the model, adapted or not, also has its
+    CPU repacking switched off (see `guard_bnb_cpu_repacking`): a repacked
+    layer anywhere would break training the adapters around it."""
+    for module in model.modules():
+        guard_bnb_cpu_repacking(module)
     model.requires_grad_(False)
     for _, layer in adapter_layers(model):
         for param in layer.parameters(recurse=False):

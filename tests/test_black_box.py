@@ -368,3 +368,24 @@ def test_4bit_model_inject_save_and_reload_into_a_fresh_4bit_model(tmp_path):
     fresh = model()
     featadapt.load_adapters(fresh, tmp_path)
     assert torch.equal(fresh(x), out)
+
+
+def test_inject_guards_every_4bit_layer_of_the_model():
+    model = nn.Sequential(bnb_4bit(nn.Linear(16, 16)), bnb_4bit(nn.Linear(16, 16)), nn.Linear(16, 2))
+    featadapt.inject(model, "vefa", target_modules=["0"])
+    assert model[1].support_avx512bf16_for_cpu is False  # not adapted, but inside the adapted model
+
+
+def test_torchao_files_round_trip(tmp_path):
+    def model():
+        torch.manual_seed(2)
+        return nn.Sequential(torchao_int8(nn.Linear(20, 12)), nn.ReLU(), nn.Linear(12, 3))
+
+    net = model()
+    featadapt.inject(net, "lora", r=2)
+    randomise(net[0])
+    x = torch.randn(4, 20)
+    featadapt.save_adapters(net, tmp_path)
+    fresh = model()
+    featadapt.load_adapters(fresh, tmp_path)
+    assert torch.equal(fresh(x), net(x))

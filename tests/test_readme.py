@@ -91,3 +91,19 @@ def test_quickstart_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "OK: VeFA trained" in proc.stdout
     assert (tmp_path / "adapter_config.json").is_file()
+
+
+def test_qlora_style_example_runs(tmp_path):
+    """examples/qlora_style.py checks itself (loss falls, reloaded 4-bit models
+    compute the same, 4-bit weights unchanged) and exits non-zero otherwise."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    done = subprocess.run(
+        [sys.executable, str(README.parent / "examples" / "qlora_style.py"), "--steps", "20", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4-bit weights unchanged: True" in done.stdout
+    assert (tmp_path / "lorfa" / "adapters.safetensors").is_file()
