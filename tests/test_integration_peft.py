@@ -388,6 +388,20 @@ def test_merge_and_unload_equals_the_unmerged_model(dtype, config):
         assert_close(merged(x), out, dtype)
 
 
+@pytest.mark.parametrize("config", [VeFAConfig(target_modules=TARGETS, init_weights=False),
+                                    LoRFAConfig(r=3, target_modules=TARGETS, init_weights=False)],
+                         ids=["vefa", "lorfa"])
+def test_safe_merge_names_the_broken_adapter_in_peft_words(config):
+    model = peft_model(make_mlp(torch.float32), copy.deepcopy(config))
+    model.add_adapter("second", copy.deepcopy(config))
+    with torch.no_grad():
+        param = next(p for n, p in model.named_parameters() if ".second" in n and "lin0" in n)
+        param.fill_(float("nan"))
+    model.base_model.set_adapter(["default", "second"])
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter second seems to be broken"):
+        model.merge_and_unload(safe_merge=True)
+
+
 @pytest.mark.parametrize("config", [VeFAConfig(target_modules=TARGETS, shift=True, init_weights=False),
                                     LoRFAConfig(r=3, target_modules=TARGETS, init_weights=False)],
                          ids=["vefa", "lorfa"])

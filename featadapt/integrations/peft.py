@@ -296,6 +296,10 @@ def _wide_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+
+def _all_finite(weight, bias):
+    return bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
+
 class _FeatureAdapterLayer(BaseTunerLayer):
     """What VeFALayer and LoRFALayer share: the forward's states and exact merging.
 
@@ -397,12 +401,10 @@ class _FeatureAdapterLayer(BaseTunerLayer):
         base = self.get_base_layer()
         w0, b0 = self._original_weight_and_bias()
         weight, bias = self._merged(w0, b0, list(self.merged_adapters) + names)
-        if safe_merge and not (
-            torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
-        ):
-            raise ValueError(
-                f"NaNs detected in the merged weights. The adapter(s) {names} seem to be broken"
-            )
+        if safe_merge and not _all_finite(weight, bias):
+            # PEFT's own wording, naming the first adapter that breaks the merge on its own
+            broken = next((n for n in names if not _all_finite(*self._merged(w0, b0, [n]))), names[0])
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {broken} seems to be broken")
         if not self.merged:
             # Kept in the stored layout, so that unmerge() copies it back as it was.
             self.weight_before_merge = base.weight.detach().clone()
