@@ -388,6 +388,46 @@ def test_merge_and_unload_equals_the_unmerged_model(dtype, config):
         assert_close(merged(x), out, dtype)
 
 
+@pytest.mark.parametrize("config", [VeFAConfig(target_modules=TARGETS, shift=True, init_weights=False),
+                                    LoRFAConfig(r=3, target_modules=TARGETS, init_weights=False)],
+                         ids=["vefa", "lorfa"])
+def test_add_weighted_adapter(config):
+    """VeFA: scale 1 + Σ wᵢ(sᵢ − 1), shift Σ wᵢ tᵢ; LoRFA: the input maps add up
+    exactly, so the weighted adapter's delta weight is Σ wᵢ ΔWᵢ."""
+    torch.manual_seed(4)
+    model = peft_model(make_mlp(torch.float64), copy.deepcopy(config))
+    second = copy.deepcopy(config)
+    if isinstance(config, VeFAConfig):
+        second.target_modules, second.shift = ["lin0"], False  # lin1 lacks it: counts as s = 1, t = 0
+    model.add_adapter("second", second)
+    weights = [0.7, -0.4]
+    model.add_weighted_adapter(["default", "second"], weights, "mix")
+    assert model.active_adapters == ["default"]  # added, not activated, as in PEFT
+    lin0, lin1 = model.base_model.model.lin0, model.base_model.model.lin1
+    if isinstance(config, VeFAConfig):
+        expected = 1 + 0.7 * (lin0.vefa_scale["default"] - 1) - 0.4 * (lin0.vefa_scale["second"] - 1)
+        assert torch.allclose(lin0.vefa_scale["mix"], expected)
+        assert torch.allclose(lin1.vefa_scale["mix"], 1 + 0.7 * (lin1.vefa_scale["default"] - 1))
+        assert torch.allclose(lin1.vefa_shift["mix"], 0.7 * lin1.vefa_shift["default"])
+    else:
+        for layer in (lin0, lin1):
+            assert layer.r["mix"] == 6 and layer.scaling["mix"] == 1.0
+            combined = 0.7 * layer.get_delta_weight("default") - 0.4 * layer.get_delta_weight("second")
+            assert rel_err(layer.get_delta_weight("mix"), combined) < 1e-12
+    model.set_adapter("mix")
+    x = torch.randn(3, 17, dtype=torch.float64)
+    assert torch.isfinite(model(x)).all()
+    with pytest.raises(ValueError, match="an adapter named 'mix' exists already"):
+        model.add_weighted_adapter(["default"], [1.0], "mix")
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        model.add_weighted_adapter(["nope"], [1.0], "other")
+    with pytest.raises(ValueError, match="one number per adapter"):
+        model.add_weighted_adapter(["default", "second"], [1.0], "other")
+    if isinstance(config, LoRFAConfig):
+        with pytest.raises(ValueError, match="combination_type must be 'cat'"):
+            model.add_weighted_adapter(["default"], [1.0], "other", combination_type="svd")
+
+
 @pytest.mark.parametrize("config", [VeFAConfig(target_modules=TARGETS, init_weights=False),
                                     LoRFAConfig(r=3, target_modules=TARGETS, init_weights=False)],
                          ids=["vefa", "lorfa"])

@@ -60,6 +60,7 @@ if Version(peft.__version__) < Version(MIN_PEFT):
 
 from ..nn.layers import BASE_TYPES, is_conv1d, is_supported_base
 from ..ops import get_backend, lorfa_linear, lora_linear, vefa_linear
+from .peft_weighted import add_weighted_lorfa, add_weighted_vefa
 from .transformers_adapters import PeftVersionError, adapter_methods_unsupported_reason, guard_adapter_methods
 
 __all__ = [
@@ -663,6 +664,11 @@ class VeFAModel(_FeatureAdapterModel):
     tuner_layer_cls = VeFALayer
     _linear_cls = VeFAPeftLinear
 
+    def add_weighted_adapter(self, adapters, weights, adapter_name):
+        """Add `adapter_name` with ``scale = 1 + Σ wᵢ (sᵢ − 1)``, ``shift = Σ wᵢ tᵢ``
+        over `adapters` (see featadapt.integrations.peft_weighted)."""
+        add_weighted_vefa(self, adapters, weights, adapter_name)
+
 
 class LoRFAModel(_FeatureAdapterModel):
     """The LoRFA tuner: `get_peft_model(model, LoRFAConfig(...))` builds one."""
@@ -670,6 +676,11 @@ class LoRFAModel(_FeatureAdapterModel):
     prefix: str = "lorfa_"
     tuner_layer_cls = LoRFALayer
     _linear_cls = LoRFAPeftLinear
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="cat"):
+        """Add `adapter_name` with ``γ B A = Σ wᵢ γᵢ Bᵢ Aᵢ`` over `adapters`, the
+        factors concatenated along the rank (see featadapt.integrations.peft_weighted)."""
+        add_weighted_lorfa(self, adapters, weights, adapter_name, combination_type)
 
 
 def _register():
