@@ -197,11 +197,15 @@ def bnb_8bit(linear):
     return layer.to("cpu")
 
 
-def torchao_int8(linear):
+def torchao_quantized(linear, config="Int8WeightOnlyConfig", **options):
     quantization = pytest.importorskip("torchao.quantization")
     holder = nn.Sequential(copy.deepcopy(linear))
-    quantization.quantize_(holder, quantization.Int8WeightOnlyConfig())
+    quantization.quantize_(holder, getattr(quantization, config)(**options))
     return holder[0]
+
+
+def torchao_int8(linear):
+    return torchao_quantized(linear)
 
 
 QUANTIZED = {
@@ -209,6 +213,8 @@ QUANTIZED = {
     "bnb-fp4": lambda lin: bnb_4bit(lin, "fp4"),
     "bnb-8bit": bnb_8bit,
     "torchao-int8": torchao_int8,
+    "torchao-int4": lambda lin: torchao_quantized(lin, "IntxWeightOnlyConfig", weight_dtype=torch.int4),
+    "torchao-float8": lambda lin: torchao_quantized(lin, "Float8WeightOnlyConfig"),
 }
 
 
