@@ -50,3 +50,13 @@ def test_environment_and_summary(tiny_run):
     env = results["environment"]
     assert env["bench_set"] == "tiny" and env["torch"] and env["device"] and env["date"]
     assert "featadapt benchmark summary" in stdout and "lorfa/torch" in stdout
+
+
+def test_quantized_base_cases_are_recorded(tiny_run):
+    pytest.importorskip("bitsandbytes")
+    results, _ = tiny_run
+    rows = [row for row in results["end_to_end"] if "base)" in row["model"]]
+    assert {(row["model"], row["method"]) for row in rows} == {
+        (f"tiny-bert ({base} base)", method) for base in ("nf4", "int8") for method in ("vefa", "lorfa", "lora", "peft-lora")
+    }
+    assert all(row["peak_bytes"] > 0 and row["peak_bytes_full_precision"] > 0 for row in rows)

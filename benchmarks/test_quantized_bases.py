@@ -1,0 +1,104 @@
+"""Adapters on a quantized base (QLoRA-style): one training step of the set's
+first end-to-end model with its linear layers (all but the head) in
+bitsandbytes 4-bit (nf4) or 8-bit (LLM.int8), for VeFA, LoRFA, LoRA and PEFT's
+LoRA on the same quantized base. Each is timed in alternation with the same
+method on the full-precision base, so `time_vs_full_precision` is how much
+the quantized base costs (or saves) per step; peak memory is per step."""
+
+import time
+
+import pytest
+import torch
+
+import featadapt
+from bench_cases import bench_device, interleaved_medians, peak_memory_bytes
+from featadapt.model import matching_modules, replace_module
+from test_end_to_end import MODELS, adapt
+
+bnb = pytest.importorskip("bitsandbytes")
+
+BASES = ("nf4", "int8")
+METHODS = ("vefa", "lorfa", "lora", "peft-lora")
+
+
+def generate_cases(metafunc, bench_set):
+    if "quantized_case" in metafunc.fixturenames:
+        cases = [(model, base, method) for model in bench_set.end_to_end[:1] for base in BASES for method in METHODS]
+        metafunc.parametrize("quantized_case", cases, ids=["-".join(c) for c in cases])
+
+
+def quantize_linears(model, base, device):
+    """Every linear layer but the head replaced by its bitsandbytes version (quantized on .to)."""
+    for name, linear in matching_modules(model, "all-linear"):
+        if base == "nf4":
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=linear.weight.dtype, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                        has_fp16_weights=False)
+        layer.load_state_dict(linear.state_dict())
+        replace_module(model, name, layer.to(device))
+    return model
+
+
+def training_step(model_name, base, method, device):
+    spec = MODELS[model_name]
+    torch.manual_seed(0)
+    model = spec.build().to(device)
+    if base is not None:
+        quantize_linears(model, base, device)
+    model = adapt(model, method)
+    model.train()
+    generator = torch.Generator(device=device).manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (spec.batch, spec.seq), device=device, generator=generator)
+    labels = input_ids if spec.causal else torch.randint(0, 2, (spec.batch,), device=device, generator=generator)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step.model = model
+    return step
+
+
+def _no_setup():
+    return (), {}
+
+
+def test_quantized_base_training_step(benchmark, bench_set, bench_results, quantized_case):
+    model_name, base, method = quantized_case
+    spec = MODELS[model_name]
+    device = bench_device()
+    step = training_step(model_name, base, method, device)
+    start = time.perf_counter()
+    step()  # warm-up, and the estimate that sets the rounds
+    rounds = bench_set.rounds_for(time.perf_counter() - start)
+    benchmark.group = f"quantized-{model_name}"
+    benchmark.pedantic(step, rounds=rounds)
+    median = None if benchmark.disabled else benchmark.stats.stats.median
+
+    full_precision = training_step(model_name, None, method, device)
+    full_precision()
+    full_median, quantized_median = interleaved_medians([(_no_setup, full_precision), (_no_setup, step)], rounds)
+    trainable, total = featadapt.trainable_parameters(step.model)
+    bench_results.end_to_end.append({
+        "model": f"{model_name} ({base} base)",
+        "method": method,
+        "dtype": "float32",
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "trainable_params": trainable,
+        "total_params": total,
+        "median_s": median,
+        "rounds": rounds,
+        "tokens_per_s": None if median is None else spec.batch * spec.seq / median,
+        "speed_vs_full": None,  # the comparison here is with the full-precision base:
+        "time_vs_full_precision": None if benchmark.disabled else quantized_median / full_median,
+        "peak_bytes": peak_memory_bytes(step, device),
+        "peak_bytes_full_precision": peak_memory_bytes(full_precision, device),
+    })
