@@ -41,3 +41,49 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_see
     u = x_hat @ lora_A.to(dtype).T
     y = F.linear(x, weight, bias).to(dtype) + scaling * (u @ lora_B.to(dtype).T)
     return y.to(x.dtype)
+
+
+# -- many adapters in one batch: row i uses adapter ids[i]; -1 is the base layer --
+#
+# Written row by row, the definition itself; the other backends group or gather.
+
+
+def _per_row(x, weight, bias, ids, row_output):
+    rows = [F.linear(x[i], weight, bias) if ids[i] < 0 else row_output(i, int(ids[i])) for i in range(x.shape[0])]
+    if not rows:
+        return F.linear(x, weight, bias)
+    return torch.stack(rows)
+
+
+def vefa_linear_indexed(x, weight, bias, scale, shift, ids):
+    def row(i, a):
+        x_tilde = x[i] * scale[a]
+        if shift is not None:
+            x_tilde = x_tilde + shift[a]
+        return F.linear(x_tilde.to(x.dtype), weight, bias)
+
+    return _per_row(x, weight, bias, ids, row)
+
+
+def lorfa_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed):
+    dtype = _wider(x, lora_A)
+    x_hat = apply_dropout(x, dropout_p, dropout_seed).to(dtype)
+
+    def row(i, a):
+        u = lora_A[a].to(dtype) @ x_hat[i]
+        x_tilde = x[i].to(dtype) + scaling[a].to(dtype) * (lora_B[a].to(dtype) @ u)
+        return F.linear(x_tilde.to(x.dtype), weight, bias)
+
+    return _per_row(x, weight, bias, ids, row)
+
+
+def lora_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed):
+    dtype = _wider(x, lora_A)
+    x_hat = apply_dropout(x, dropout_p, dropout_seed).to(dtype)
+
+    def row(i, a):
+        u = lora_A[a].to(dtype) @ x_hat[i]
+        y = F.linear(x[i], weight, bias).to(dtype) + scaling[a].to(dtype) * (lora_B[a].to(dtype) @ u)
+        return y.to(x.dtype)
+
+    return _per_row(x, weight, bias, ids, row)
