@@ -59,11 +59,16 @@ class AdapterBank(nn.Module):
         return self.names.index(name) if name in self.names else -1
 
     def add(self, name, entry):
-        if name in self.names:
-            self.entries[self.names.index(name)] = entry
-        else:
-            self.names.append(name)
-            self.entries.append(entry)
+        self.add_many([(name, entry)])
+
+    def add_many(self, named_entries):
+        """Add (name, entry) pairs, restacking once; a name already here is replaced."""
+        for name, entry in named_entries:
+            if name in self.names:
+                self.entries[self.names.index(name)] = entry
+            else:
+                self.names.append(name)
+                self.entries.append(entry)
         self._restack()
 
     def remove(self, name):

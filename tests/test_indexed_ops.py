@@ -29,8 +29,12 @@ def draw_ids(pattern, m, n, generator):
     """Per-row adapter ids of a pattern, for m rows and n adapters."""
     if pattern == "mixed-with-base":  # random, unsorted, -1 included
         return torch.randint(-1, n, (m,), generator=generator)
-    if pattern == "one-adapter":
+    if pattern == "one-adapter":  # runs the single-adapter op
         return torch.full((m,), n - 1, dtype=torch.int64)
+    if pattern == "one-adapter-and-base":  # the indexed path with a single adapter
+        ids = torch.full((m,), n - 1, dtype=torch.int64)
+        ids[m // 2] = -1
+        return ids
     if pattern == "every-row-different":  # as many adapters as rows (the rest -1), shuffled
         ids = torch.arange(m) % (n + 1) - 1
         return ids[torch.randperm(m, generator=generator)]
@@ -102,6 +106,7 @@ SCENARIOS = {
     "M1-n1-r1": Scenario((1,), 17, 13, 1, "one-adapter", r=1, bias=False, shift=False),
     "M97-n5-mixed": Scenario((97,), 17, 33, 5, "mixed-with-base"),
     "M97-n8-one-adapter-float-scaling": Scenario((97,), 33, 17, 8, "one-adapter", per_adapter_scaling=False),
+    "M97-n3-one-adapter-and-base": Scenario((97,), 33, 17, 3, "one-adapter-and-base"),
     "M97-n40-unsorted": Scenario((97,), 17, 13, 40, "unsorted-segments", r=16),
     "BxT-3x11-noncontig-dropout": Scenario((3, 11), 33, 17, 4, "mixed-with-base", noncontiguous=True,
                                            dropout_p=0.2),

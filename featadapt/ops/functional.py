@@ -71,7 +71,10 @@ def vefa_linear(x, weight, scale, bias=None, shift=None, *, adapter_index=None, 
         n = validation.check_stacked_parameter(op, "scale", scale, (k,), "K", x)
         if shift is not None:
             validation.check_stacked_parameter(op, "shift", shift, (k,), "K", x, n_adapters=n)
-        validation.check_adapter_ids(op, ids, n)
+        same = validation.check_adapter_ids(op, ids, n)
+        if same is not None and same >= 0:  # one adapter for every row: the single-adapter op
+            shift = None if shift is None else shift[same]
+            return _dispatch("vefa", backend, autocasting, x, weight, bias, (scale[same], shift))
         return _dispatch("vefa_indexed", backend, autocasting, x, weight, bias, (scale, shift), (ids,))
     validation.check_parameter(op, "scale", scale, (k,), "(K,)", x)
     if shift is not None:
@@ -85,9 +88,12 @@ def _low_rank(op, name, b_rows, x, weight, lora_A, lora_B, bias, scaling, dropou
     if adapter_index is not None:
         ids = validation.check_adapter_index(name, adapter_index, x)
         n = validation.check_stacked_low_rank(name, x, weight, lora_A, lora_B, bias, b_rows)
-        validation.check_adapter_ids(name, ids, n)
+        same = validation.check_adapter_ids(name, ids, n)
         scaling = validation.check_stacked_scaling(name, scaling, n, x)
         seed = draw_seed() if dropout_p > 0.0 else 0
+        if same is not None and same >= 0:  # one adapter for every row: the single-adapter op
+            return _dispatch(op, backend, autocasting, x, weight, bias, (lora_A[same], lora_B[same]),
+                             (float(scaling[same]), dropout_p, seed))
         return _dispatch(op + "_indexed", backend, autocasting, x, weight, bias, (lora_A, lora_B),
                          (scaling, ids, dropout_p, seed))
     validation.check_low_rank(name, x, weight, lora_A, lora_B, bias, b_rows)

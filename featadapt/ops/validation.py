@@ -116,9 +116,10 @@ def check_adapter_index(op, adapter_index, x):
 
 
 def check_adapter_ids(op, ids, n_adapters):
-    """Every id in [-1, n_adapters): -1 is the base layer's output."""
+    """Every id in [-1, n_adapters): -1 is the base layer's output. Returns the
+    one id every row has, when they all have the same, else None."""
     if ids.numel() == 0 or torch.compiler.is_compiling():
-        return  # (a data-dependent check would break the graph; eager calls run it)
+        return None  # (a data-dependent check would break the graph; eager calls run it)
     low, high = (int(v) for v in torch.aminmax(ids))
     if low < -1 or high >= n_adapters:
         bad = low if low < -1 else high
@@ -126,6 +127,7 @@ def check_adapter_ids(op, ids, n_adapters):
             f"{op}: adapter_index must hold ids in [-1, {n_adapters - 1}] (-1: no adapter; "
             f"{n_adapters} adapter(s) given), got {bad}"
         )
+    return low if low == high else None
 
 
 def check_stacked_parameter(op, name, value, per_adapter_shape, meaning, x, n_adapters=None):
