@@ -48,8 +48,8 @@ class MultiSet:
 MULTI_SETS = {
     "tiny": MultiSet(sequences=8, tokens=2, features=32, adapter_counts=(1, 4), rank=4, model_width=32, model_layers=1,
                      rounds=1),
-    "cpu": MultiSet(sequences=512, tokens=4, features=768, adapter_counts=(1, 8, 64, 512), rank=16,
-                    model_width=256, model_layers=2, rounds=7),
+    "cpu": MultiSet(sequences=512, tokens=2, features=768, adapter_counts=(1, 8, 64, 512), rank=16,
+                    model_width=128, model_layers=2, rounds=5),
     "gpu": MultiSet(sequences=512, tokens=64, features=4096, adapter_counts=(1, 8, 64, 512), rank=16,
                     model_width=1024, model_layers=4, rounds=20),
 }
