@@ -6,6 +6,10 @@ custom ops (featadapt::scaled_gemm, ...). They run on CUDA tensors, or on CPU
 tensors under TRITON_INTERPRET=1 (set before importing featadapt), which is
 how the tests check them without a GPU; automatic dispatch never sends CPU
 tensors to the interpreter, only backend="triton" does.
+
+Calls with adapter_index= (many adapters in one batch) run the indexed forward
+kernels (featadapt.kernels.triton.indexed_ops) and the torch backend's
+backward (triton_indexed.py).
 """
 
 import torch
