@@ -1,5 +1,6 @@
 """featadapt: fused kernels for feature-space fine-tuning (VeFA, LoRFA) and the LoRA baseline."""
 
+from .adapter_bank import add_named_adapter, load_named_adapters, named_adapters, remove_named_adapter, select_adapters
 from .adapter_files import load_adapters, save_adapters
 from .distributed import save_adapters_distributed
 from .model import (
@@ -20,14 +21,19 @@ __all__ = [
     "LoRALinear",
     "LoRFALinear",
     "VeFALinear",
+    "add_named_adapter",
     "inject",
     "load_adapters",
+    "load_named_adapters",
     "lora_linear",
     "lorfa_linear",
     "merge_adapters",
+    "named_adapters",
     "print_trainable_parameters",
+    "remove_named_adapter",
     "save_adapters",
     "save_adapters_distributed",
+    "select_adapters",
     "trainable_parameters",
     "unload",
     "unmerge_adapters",

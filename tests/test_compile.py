@@ -186,6 +186,33 @@ def _low_rank_dy_grads_args(device):
     ]
 
 
+def _adapter_ids(device, adapters=3):
+    """Per-row adapter ids for the indexed ops: unsorted, with -1 (no adapter) rows."""
+    return ((torch.arange(M) * 7) % (adapters + 1) - 1).to(device)
+
+
+def _indexed_scaled_gemm_args(device):
+    ids = _adapter_ids(device)
+    return [
+        (_randn(device, M, K), _randn(device, N, K), _randn(device, N), _randn(device, 3, K), _randn(device, 3, K), ids),
+        (_randn(device, M, K2), _randn(device, K2, N).T, None, _randn(device, 3, K2), None, ids),
+    ]
+
+
+def _indexed_shrink_args(device):
+    return [(_randn(device, M, K), _randn(device, 3, R, K), _adapter_ids(device))]
+
+
+def _indexed_low_rank_gemm_args(device):
+    ids, scaling = _adapter_ids(device), _randn(device, 3)
+    return [
+        (_randn(device, M, K), _randn(device, N, K), _randn(device, N), _randn(device, M, R), _randn(device, 3, K, R),
+         scaling, ids, True),
+        (_randn(device, M, K), _randn(device, N, K), None, _randn(device, M, R), _randn(device, 3, N, R),
+         scaling, ids, False),
+    ]
+
+
 def _dropout_keep_mask_args(device):
     return [([M, K], 0.25, 1234, torch.device(device)), ([3, 5, 7], 0.5, 2**62 - 1, torch.device(device))]
 
@@ -201,9 +228,13 @@ SAMPLE_ARGS = {
     "low_rank_gemm_dx": _low_rank_gemm_dx_args,
     "low_rank_dy_grads": _low_rank_dy_grads_args,
     "dropout_keep_mask": _dropout_keep_mask_args,
+    "indexed_scaled_gemm": _indexed_scaled_gemm_args,
+    "indexed_shrink": _indexed_shrink_args,
+    "indexed_low_rank_gemm": _indexed_low_rank_gemm_args,
 }
 # Ops that launch Triton kernels: on CPU they run only under TRITON_INTERPRET=1.
-TRITON_OPS = {"scaled_gemm", "scaled_gemm_backward", "low_rank_gemm", "low_rank_gemm_dx", "low_rank_dy_grads"}
+TRITON_OPS = {"scaled_gemm", "scaled_gemm_backward", "low_rank_gemm", "low_rank_gemm_dx", "low_rank_dy_grads",
+              "indexed_scaled_gemm", "indexed_shrink", "indexed_low_rank_gemm"}
 CUDA_PREFIX = "cuda_"
 # What opcheck can test of a Triton op run by the interpreter on CPU. Left out:
 # test_faketensor, test_aot_dispatch_static and test_aot_dispatch_dynamic, which

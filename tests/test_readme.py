@@ -24,7 +24,7 @@ def test_usage_example_runs(tmp_path, monkeypatch):
 
 
 # The integration examples (PEFT, GPT-2, Trainer), after the usage example and the signatures.
-INTEGRATION_BLOCKS = {"peft": 2, "gpt2-conv1d": 3, "trainer": 4}
+INTEGRATION_BLOCKS = {"peft": 2, "gpt2-conv1d": 3, "trainer": 4, "many-adapters": 5}
 
 
 def quantized_block():

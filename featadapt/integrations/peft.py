@@ -10,12 +10,15 @@ Two things:
    and load_adapter where the installed transformers accepts the installed
    peft, else a clear PeftVersionError), and the layers compute with
    featadapt's fused ops (`featadapt.ops.vefa_linear` / `lorfa_linear`, so the
-   backend dispatch applies). They wrap nn.Linear layers and transformers'
+   backend dispatch applies). Mixed-adapter batches work as in PEFT's LoRA:
+   ``model(..., adapter_names=[...])`` (one name per sequence, "__base__" for
+   the base model), computed by one call per layer with ``adapter_index``. They wrap nn.Linear layers and transformers'
    Conv1D (GPT-2's layers, weight stored (in_features, out_features)): the ops
    get the free view ``weight.T`` and merging writes in the Conv1D's own layout.
 2. `accelerate(peft_model)`: runs existing PEFT IA3 feedforward layers (IA3 in
    feedforward mode computes ``base(x * ia3_l)``, VeFA without shift) and plain
-   LoRA Linear layers on featadapt's fused ops, in place; `restore` undoes it.
+   LoRA Linear layers on featadapt's fused ops, in place (LoRA mixed-adapter
+   batches too, through the batched op); `restore` undoes it.
 
 PEFT only registers methods named in its `PeftType` enum, so this module adds
 real members VEFA and LORFA to it: a plain string would break the code in
@@ -26,6 +29,7 @@ import math
 import numbers
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -49,6 +53,7 @@ try:
     from peft.tuners.lora.layer import Linear as _LoraLinear
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
     from peft.utils import PeftType, register_peft_method
+    from peft.utils.other import AuxiliaryTrainingWrapper
 except ImportError as exc:  # peft is an optional dependency
     raise ImportError(
         f"featadapt.integrations.peft needs Hugging Face PEFT (peft>={MIN_PEFT}): pip install featadapt[peft]"
@@ -61,6 +66,7 @@ if Version(peft.__version__) < Version(MIN_PEFT):
 from ..nn.layers import BASE_TYPES, is_conv1d, is_supported_base
 from ..ops import get_backend, lorfa_linear, lora_linear, vefa_linear
 from .peft_weighted import add_weighted_lorfa, add_weighted_vefa
+from ..ops.stacking import stack_low_rank, stack_vefa
 from .transformers_adapters import PeftVersionError, adapter_methods_unsupported_reason, guard_adapter_methods
 
 __all__ = [
@@ -297,9 +303,52 @@ def _wide_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-
 def _all_finite(weight, bias):
     return bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
+
+
+# ---------------------------------------------------------------------------
+# Mixed-adapter batches (adapter_names=...): PEFT's semantics, one batched call
+# ---------------------------------------------------------------------------
+
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+def check_mixed_batch_args(layer, x, adapter_names):
+    """PEFT's own checks and errors for adapter_names at a layer (LoRA's _check_forward_args)."""
+    if len(x) != len(adapter_names):
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(adapter_names)} and {len(x)} respectively."
+        )
+    if layer.merged:
+        raise ValueError(
+            "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+        )
+
+
+def mixed_batch_rows(x, adapter_names, adapters_here):
+    """(the adapters this layer runs, in order of first use; adapter_index of shape
+    x.shape[:-1]) for one name per sequence, or None when no sequence uses one
+    of `adapters_here`. "__base__" and names this layer lacks get id -1 (the
+    base layer), as in PEFT."""
+    slots = {}
+    for name in adapter_names:
+        if name != BASE_NAME and name in adapters_here and name not in slots:
+            slots[name] = len(slots)
+    if not slots:
+        return None
+    per_sequence = torch.tensor([slots.get(name, -1) for name in adapter_names], device=x.device)
+    index = per_sequence.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    return list(slots), index
+
+
+def shared_dropout(method, ps):
+    """The one dropout p of adapters that run in one call (a single mask over x)."""
+    if len(set(ps.values())) > 1:
+        raise ValueError(f"{method}: adapters that run in one call must share lora_dropout to train, got {ps}")
+    return next(iter(ps.values()))
+
 
 class _FeatureAdapterLayer(BaseTunerLayer):
     """What VeFALayer and LoRFALayer share: the forward's states and exact merging.
@@ -364,24 +413,31 @@ class _FeatureAdapterLayer(BaseTunerLayer):
         # The concrete classes' forward (nn.Module's comes first in their MRO).
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is not None:
-            raise ValueError(
-                f"{type(self).__name__}: mixed-adapter batches (adapter_names=...) are not supported by {self.method}"
-            )
-        if self.disable_adapters:
+            check_mixed_batch_args(self, x, adapter_names)
+        if self.disable_adapters:  # takes precedence over adapter_names, as in PEFT
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            rows = mixed_batch_rows(x, adapter_names, getattr(self, self._main_dict))
+            if rows is None:  # no sequence uses an adapter this layer has
+                return self.base_layer(x, *args, **kwargs)
+            self._only_x(args, kwargs)
+            return self._mixed_batch_forward(x, *rows)
         active = self._adapters_here(self.active_adapters)
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        self._only_x(args, kwargs)
+        return self._adapted_forward(x, active)
+
+    def _only_x(self, args, kwargs):
         if args or kwargs:
             raise TypeError(
                 f"{type(self).__name__}.forward takes only the input tensor, got extra arguments "
                 f"{args!r} {sorted(kwargs)!r}"
             )
-        return self._adapted_forward(x, active)
 
     def _original_weight_and_bias(self):
         """The pretrained W0 as (N, K) (a view for a Conv1D) and bias, merged or not."""
@@ -498,6 +554,12 @@ class VeFALayer(_FeatureAdapterLayer):
         scale, shift = self._composed(adapters)
         return vefa_linear(x, self._w0(), scale, base.bias, shift, backend=self.backend)
 
+    def _mixed_batch_forward(self, x, adapters, adapter_index):
+        scale, shift = stack_vefa([self.vefa_scale[name] for name in adapters],
+                                  [self.vefa_shift[name] if name in self.vefa_shift else None for name in adapters])
+        return vefa_linear(x, self._w0(), scale, self.base_layer.bias, shift,
+                           adapter_index=adapter_index, backend=self.backend)
+
     def _merged(self, w0, b0, adapters):
         dtype = _wide_dtype(w0, self.vefa_scale[adapters[0]])
         scale, shift = self._composed(adapters, dtype)
@@ -561,10 +623,8 @@ class LoRFALayer(_FeatureAdapterLayer):
             name = adapters[0]
             return self.lorfa_A[name], self.lorfa_B[name], self.scaling[name], self.lora_dropout[name]
         ps = {name: self.lora_dropout[name] for name in adapters}
-        if self.training and len(set(ps.values())) > 1:
-            raise ValueError(
-                f"LoRFA: several active adapters must share lora_dropout to train together, got {ps}"
-            )
+        if self.training:
+            shared_dropout("LoRFA", ps)
         dtype = self.lorfa_A[adapters[0]].dtype
         A = torch.cat([self.lorfa_A[name].to(dtype) for name in adapters], dim=0)
         B = torch.cat([self.lorfa_B[name].to(dtype) * self.scaling[name] for name in adapters], dim=1)
@@ -577,6 +637,13 @@ class LoRFALayer(_FeatureAdapterLayer):
             x, self._w0(), A, B, base.bias,
             scaling=scaling, dropout_p=p if self.training else 0.0, backend=self.backend,
         )
+
+    def _mixed_batch_forward(self, x, adapters, adapter_index):
+        A, B = stack_low_rank([self.lorfa_A[name] for name in adapters], [self.lorfa_B[name] for name in adapters])
+        scaling = torch.tensor([self.scaling[name] for name in adapters], device=x.device)
+        p = shared_dropout("LoRFA", {name: self.lora_dropout[name] for name in adapters}) if self.training else 0.0
+        return lorfa_linear(x, self._w0(), A, B, self.base_layer.bias, scaling=scaling, dropout_p=p,
+                            adapter_index=adapter_index, backend=self.backend)
 
     def _merged(self, w0, b0, adapters):
         dtype = _wide_dtype(w0, self.lorfa_A[adapters[0]])
@@ -655,6 +722,48 @@ class _FeatureAdapterModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
+
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """`model(..., adapter_names=[...])`: one adapter name per sequence, as PEFT's LoRA
+        takes it (PeftModel.forward and generate enter this context). Hands the names
+        to every adapter layer (and modules_to_save wrapper) for the duration of the
+        call; PEFT's errors for training mode and unknown names; with beam search each
+        name is repeated num_beams times."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = set()
+        for module in self.modules():
+            if isinstance(module, self.tuner_layer_cls):
+                known |= set(getattr(module, module._main_dict).keys())
+        unknown = {name for name in adapter_names if name != BASE_NAME} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            if not isinstance(adapter_names, (list, tuple)):
+                raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+
+        def pass_names(module, args, kwargs):
+            kwargs["adapter_names"] = adapter_names
+            return args, kwargs
+
+        handles = [
+            module.register_forward_pre_hook(pass_names, with_kwargs=True)
+            for module in self.modules()
+            if isinstance(module, (self.tuner_layer_cls, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 class VeFAModel(_FeatureAdapterModel):
@@ -834,8 +943,36 @@ class _FusedForward:
             return None
         return active[0]
 
+    def _mixed_lora_rows(self, x, args, kwargs):
+        """For a LoRA mixed-adapter batch (only adapter_names= besides x) that the batched
+        op can run: (adapters, adapter_index); None otherwise (PEFT's forward runs it,
+        or there is no adapter row: the base layer's output)."""
+        layer = self.layer
+        if self.kind != _LORA or args or set(kwargs) != {"adapter_names"}:
+            return None
+        adapter_names = kwargs["adapter_names"]
+        layer._check_forward_args(x, adapter_names=adapter_names)  # PEFT's own errors first
+        if layer.disable_adapters:
+            return None
+        rows = mixed_batch_rows(x, adapter_names, layer.lora_A)
+        if rows is None or any(_adapter_problem(layer, _LORA, name) is not None for name in rows[0]):
+            return None
+        if any(isinstance(layer.lora_dropout[name], nn.Dropout) and layer.lora_dropout[name].training
+               and layer.lora_dropout[name].p > 0 for name in rows[0]):
+            return None  # training-mode dropout per adapter: PEFT's own loop
+        return rows
+
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
+        mixed = self._mixed_lora_rows(x, args, kwargs)
+        if mixed is not None:
+            adapters, adapter_index = mixed
+            base = layer.base_layer
+            A, B = stack_low_rank([layer.lora_A[name].weight for name in adapters],
+                                  [layer.lora_B[name].weight for name in adapters])
+            scaling = torch.tensor([layer.scaling[name] for name in adapters], device=x.device)
+            return lora_linear(x, base.weight, A, B, base.bias, scaling=scaling, adapter_index=adapter_index,
+                               backend=self.backend)
         adapter = self._fused_adapter(args, kwargs)
         if adapter is None:
             return type(layer).forward(layer, x, *args, **kwargs)
@@ -858,8 +995,10 @@ def accelerate(model, *, backend=None):
     layer in feedforward mode computes ``base(x * ia3_l)``, which is VeFA
     without shift (`vefa_linear`); a plain LoRA Linear layer is `lora_linear`
     with the layer's scaling and dropout p. Results equal PEFT's own forward
-    up to rounding. Layers that are merged, have adapters disabled, or run
-    several adapters at once fall back to PEFT's forward at call time. Layers
+    up to rounding. A mixed-adapter batch (``adapter_names=[...]``) on a LoRA
+    layer runs as one batched `lora_linear` call with ``adapter_index``.
+    Layers that are merged, have adapters disabled, or run several adapters
+    at once fall back to PEFT's forward at call time. Layers
     it cannot take (IA3 on outputs, DoRA or other LoRA variants, lora_bias,
     Conv/Embedding/quantized/Conv1D layers, several active adapters, a forward
     already replaced by someone else) are left alone and listed in the report.

@@ -76,6 +76,10 @@ class AdapterLinear(AdapterLayer):
         self.register_buffer("weight_before_merge", None, persistent=False)
         self.register_buffer("bias_before_merge", None, persistent=False)
         self._bias_created_by_merge = False
+        # Named adapters chosen per sequence (featadapt/adapter_bank.py): the
+        # stacked bank, and the per-sequence ids that select_adapters sets.
+        self.adapter_bank = None
+        self.selected_adapters = None
 
     @property
     def in_features(self):
@@ -99,6 +103,8 @@ class AdapterLinear(AdapterLayer):
         return {"device": base_layer.weight.device, "dtype": _adapter_dtype(base_layer.weight, dtype)}
 
     def forward(self, x):
+        if self.selected_adapters is not None:
+            return self.adapter_bank(self, x, self.selected_adapters)
         if self.merged:
             return self.base_layer(x)
         return self._adapted_forward(x)

@@ -15,11 +15,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from . import reference, torch_backend
+from . import reference, torch_backend, torch_indexed
 
 ENV_VAR = "FEATADAPT_BACKEND"
 AUTO = "auto"
 OPS = ("vefa", "lorfa", "lora")
+# Many adapters in one batch (adapter_index=): a backend without these ops
+# reports so, and auto passes it over.
+INDEXED_OPS = ("vefa_indexed", "lorfa_indexed", "lora_indexed")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -119,7 +122,14 @@ register_backend(
     Backend(
         name="reference",
         summary="plain differentiable torch expressions; the test oracle",
-        ops={"vefa": reference.vefa_linear, "lorfa": reference.lorfa_linear, "lora": reference.lora_linear},
+        ops={
+            "vefa": reference.vefa_linear,
+            "lorfa": reference.lorfa_linear,
+            "lora": reference.lora_linear,
+            "vefa_indexed": reference.vefa_linear_indexed,
+            "lorfa_indexed": reference.lorfa_linear_indexed,
+            "lora_indexed": reference.lora_linear_indexed,
+        },
     )
 )
 register_backend(
@@ -130,6 +140,9 @@ register_backend(
             "vefa": torch_backend.vefa_linear,
             "lorfa": torch_backend.lorfa_linear,
             "lora": torch_backend.lora_linear,
+            "vefa_indexed": torch_indexed.vefa_linear_indexed,
+            "lorfa_indexed": torch_indexed.lorfa_linear_indexed,
+            "lora_indexed": torch_indexed.lora_linear_indexed,
         },
         auto_priority=0,
     )

@@ -41,3 +41,57 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_see
     u = x_hat @ lora_A.to(dtype).T
     y = F.linear(x, weight, bias).to(dtype) + scaling * (u @ lora_B.to(dtype).T)
     return y.to(x.dtype)
+
+
+# -- many adapters in one batch: row i uses adapter ids[i]; -1 is the base layer --
+#
+# Written row by row, the definition itself; the other backends group or gather.
+# Each stacked parameter is unbound into its adapters once, so that autograd
+# gathers their gradients once, not a zero (n, ...) tensor per row.
+
+
+def _per_row(x, weight, bias, ids, row_output, params):
+    ids = ids.tolist()
+    rows = [F.linear(x[i], weight, bias) if ids[i] < 0 else row_output(i, ids[i]) for i in range(x.shape[0])]
+    if not rows:  # no rows: the parameters still get a (zero) gradient, as from the other backends
+        return F.linear(x, weight, bias) + sum(p.sum() for p in params if p is not None) * 0
+    return torch.stack(rows)
+
+
+def vefa_linear_indexed(x, weight, bias, scale, shift, ids):
+    scales = scale.unbind(0)
+    shifts = shift.unbind(0) if shift is not None else None
+
+    def row(i, a):
+        x_tilde = x[i] * scales[a]
+        if shifts is not None:
+            x_tilde = x_tilde + shifts[a]
+        return F.linear(x_tilde.to(x.dtype), weight, bias)
+
+    return _per_row(x, weight, bias, ids, row, (scale, shift))
+
+
+def lorfa_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed):
+    dtype = _wider(x, lora_A)
+    x_hat = apply_dropout(x, dropout_p, dropout_seed).to(dtype)
+    As, Bs, gammas = lora_A.to(dtype).unbind(0), lora_B.to(dtype).unbind(0), scaling.to(dtype).unbind(0)
+
+    def row(i, a):
+        u = As[a] @ x_hat[i]
+        x_tilde = x[i].to(dtype) + gammas[a] * (Bs[a] @ u)
+        return F.linear(x_tilde.to(x.dtype), weight, bias)
+
+    return _per_row(x, weight, bias, ids, row, (lora_A, lora_B))
+
+
+def lora_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed):
+    dtype = _wider(x, lora_A)
+    x_hat = apply_dropout(x, dropout_p, dropout_seed).to(dtype)
+    As, Bs, gammas = lora_A.to(dtype).unbind(0), lora_B.to(dtype).unbind(0), scaling.to(dtype).unbind(0)
+
+    def row(i, a):
+        u = As[a] @ x_hat[i]
+        y = F.linear(x[i], weight, bias).to(dtype) + gammas[a] * (Bs[a] @ u)
+        return y.to(x.dtype)
+
+    return _per_row(x, weight, bias, ids, row, (lora_A, lora_B))

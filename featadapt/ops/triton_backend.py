@@ -6,20 +6,26 @@ custom ops (featadapt::scaled_gemm, ...). They run on CUDA tensors, or on CPU
 tensors under TRITON_INTERPRET=1 (set before importing featadapt), which is
 how the tests check them without a GPU; automatic dispatch never sends CPU
 tensors to the interpreter, only backend="triton" does.
+
+Calls with adapter_index= (many adapters in one batch) run the indexed forward
+kernels (featadapt.kernels.triton.indexed_ops) and the torch backend's
+backward (triton_indexed.py).
 """
 
 import torch
 
 from .dispatch import Backend  # dispatch imports this module last, once Backend exists
 from .fused import KernelSet, dtype_reasons, float64_refusal, fused_ops
+from .triton_indexed import indexed_fused_ops
 
 try:
     from ..kernels.triton import INTERPRET
     from ..kernels.triton.low_rank_gemm import low_rank_dy_grads, low_rank_gemm, low_rank_gemm_dx
     from ..kernels.triton.scaled_gemm import scaled_gemm, scaled_gemm_backward
+    from ..kernels.triton import indexed_ops as INDEXED_KERNELS
 except Exception as error:  # a missing or broken triton must not break `import featadapt`
     _IMPORT_ERROR = f"triton is not importable ({type(error).__name__}: {error})"
-    KERNELS = None
+    KERNELS = INDEXED_KERNELS = None
 else:
     _IMPORT_ERROR = None
     KERNELS = KernelSet(scaled_gemm, scaled_gemm_backward, low_rank_gemm, low_rank_gemm_dx, low_rank_dy_grads)
@@ -60,7 +66,7 @@ def auto_skip_reasons(op, tensors):
 BACKEND = Backend(
     name="triton",
     summary="fused Triton kernels; CUDA (CPU only under TRITON_INTERPRET=1, by name)",
-    ops=fused_ops(KERNELS),
+    ops={**fused_ops(KERNELS), **indexed_fused_ops(INDEXED_KERNELS)},
     auto_priority=10,
     unavailable_reason=unavailable_reason,
     not_supported_reasons=not_supported_reasons,
