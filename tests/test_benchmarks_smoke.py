@@ -2,6 +2,7 @@
 writes a results file with every case, and prints the summary table."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -50,3 +51,47 @@ def test_environment_and_summary(tiny_run):
     env = results["environment"]
     assert env["bench_set"] == "tiny" and env["torch"] and env["device"] and env["date"]
     assert "featadapt benchmark summary" in stdout and "lorfa/torch" in stdout
+
+
+def _bench_module(name):
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_cpu_device_name_gives_model_cores_and_features(monkeypatch):
+    import torch
+
+    report = _bench_module("bench_report")
+    monkeypatch.setattr(report, "cpu_model", lambda: "Intel Xeon")
+    monkeypatch.setattr(report, "cpu_features", lambda: ["AVX2", "AVX512", "AVX512-BF16", "AMX"])
+    name = report.device_name(torch.device("cpu"))
+    assert name == f"Intel Xeon ({os.cpu_count()} cores; AVX2, AVX512, AVX512-BF16, AMX)"
+    assert report.device_slug(name) == f"intel-xeon-{os.cpu_count()}-cores-avx2-avx512-avx512-bf16-amx"
+    assert report.target_kind(torch.device("cpu")) == "cpu-bf16"
+    monkeypatch.setattr(report, "cpu_features", lambda: ["AVX2"])
+    assert report.target_kind(torch.device("cpu")) == "cpu"
+
+
+def test_cpu_model_drops_trademarks_and_clock(monkeypatch):
+    import builtins
+    import io
+
+    report = _bench_module("bench_report")
+    cpuinfo = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz\n"
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: io.StringIO(cpuinfo) if path == "/proc/cpuinfo"
+                        else real_open(path, *a, **k))
+    assert report.cpu_model() == "Intel Xeon Platinum 8480+"
+
+
+def test_targets_depend_on_the_kind_of_cpu_and_the_dtype():
+    report = _bench_module("bench_report")
+    assert report.target_ratio("cpu-bf16", "bfloat16", "vefa") == 1.10
+    assert report.target_ratio("cpu-bf16", "float32", "lora") == 1.12
+    assert report.target_ratio("cpu", "bfloat16", "lorfa") == 1.20
+    assert report.target_ratio("cpu-bf16", "float16", "vefa") is None
