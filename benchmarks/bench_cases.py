@@ -80,7 +80,7 @@ BENCH_SETS = {
     "cpu-bf16": BenchSet(
         cases=((Shape(2048, 1024, 1024), torch.float32), (Shape(2048, 1024, 1024), torch.bfloat16)),
         rank=16, rank_sweep=(8, 16, 64), sweep_dtype=torch.bfloat16, compile_dtypes=(torch.float32,),
-        seconds_per_case=0.6, min_rounds=5, max_rounds=40, end_to_end=("minilm-l6", "minilm-l6-bf16"),
+        seconds_per_case=0.6, min_rounds=3, max_rounds=40, end_to_end=("minilm-l6", "minilm-l6-bf16"),
     ),
     "gpu": BenchSet(
         # Every shape in bfloat16; float16 and float32 at the kernel issue's target shape.

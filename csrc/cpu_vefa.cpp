@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
-#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -144,7 +143,7 @@ void run(Tensor& g, const Tensor& x, const Tensor& scale, float* ds, float* dt, 
   });
 }
 
-std::tuple<Tensor, std::optional<Tensor>> vefa_input_grads_cpu(Tensor& g, const Tensor& x, const Tensor& scale,
+std::tuple<Tensor, Tensor> vefa_input_grads_cpu(Tensor& g, const Tensor& x, const Tensor& scale,
                                                         bool need_shift) {
   const char* op = "featadapt::vefa_input_grads_cpu";
   TORCH_CHECK(g.device().is_cpu() && x.device().is_cpu() && scale.device().is_cpu(), op,
@@ -173,16 +172,15 @@ std::tuple<Tensor, std::optional<Tensor>> vefa_input_grads_cpu(Tensor& g, const 
     default:
       TORCH_CHECK(false, op, ": expected float32, float16 or bfloat16 tensors, got ", g.scalar_type());
   }
-  std::optional<Tensor> dshift;
-  if (need_shift) dshift = dt_parts.sum(0);
-  return {ds_parts.sum(0), dshift};
+  return {ds_parts.sum(0), need_shift ? dt_parts.sum(0) : at::empty({0}, f32)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(featadapt, m) {
-  // g is overwritten with dx; returns ds and (when need_shift) dt, float32.
-  m.def("vefa_input_grads_cpu(Tensor(a!) g, Tensor x, Tensor scale, bool need_shift) -> (Tensor, Tensor?)");
+  // g is overwritten with dx; returns ds and dt (empty without need_shift), float32.
+  // (No optional outputs: torch.compile's functionalization of a mutating op takes none.)
+  m.def("vefa_input_grads_cpu(Tensor(a!) g, Tensor x, Tensor scale, bool need_shift) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(featadapt, CPU, m) { m.impl("vefa_input_grads_cpu", &vefa_input_grads_cpu); }

@@ -95,3 +95,22 @@ def test_targets_depend_on_the_kind_of_cpu_and_the_dtype():
     assert report.target_ratio("cpu-bf16", "float32", "lora") == 1.12
     assert report.target_ratio("cpu", "bfloat16", "lorfa") == 1.20
     assert report.target_ratio("cpu-bf16", "float16", "vefa") is None
+
+
+def test_profile_missed_stores_where_the_time_goes(tiny_run, tmp_path):
+    results, _ = tiny_run
+    assert results["targets"], "the tiny set has no target rows to profile"
+    results = json.loads(json.dumps(results))
+    results["targets"][0]["met"] = False
+    path = tmp_path / "missed.json"
+    path.write_text(json.dumps(results))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_missed.py"), str(path), "--steps", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    profiles = json.loads(path.read_text())["profiles"]
+    assert list(profiles) == [results["targets"][0]["case"]]
+    for side in ("layer", "floor"):
+        ops = profiles[results["targets"][0]["case"]][side]["ops"]
+        assert ops and all(op["self_ms"] >= 0 and 0 < op["share"] <= 1 for op in ops)

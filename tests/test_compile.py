@@ -186,6 +186,13 @@ def _low_rank_dy_grads_args(device):
     ]
 
 
+def _vefa_input_grads_cpu_args(device):
+    if device != "cpu":
+        return []  # a CPU kernel
+    g, x = _randn(device, M, K), _randn(device, M, K)
+    return [(g, x, _randn(device, K), True), (g.clone(), _randn(device, M, 2 * K)[:, :K], _randn(device, K), False)]
+
+
 def _dropout_keep_mask_args(device):
     return [([M, K], 0.25, 1234, torch.device(device)), ([3, 5, 7], 0.5, 2**62 - 1, torch.device(device))]
 
@@ -201,6 +208,7 @@ SAMPLE_ARGS = {
     "low_rank_gemm_dx": _low_rank_gemm_dx_args,
     "low_rank_dy_grads": _low_rank_dy_grads_args,
     "dropout_keep_mask": _dropout_keep_mask_args,
+    "vefa_input_grads_cpu": _vefa_input_grads_cpu_args,
 }
 # Ops that launch Triton kernels: on CPU they run only under TRITON_INTERPRET=1.
 TRITON_OPS = {"scaled_gemm", "scaled_gemm_backward", "low_rank_gemm", "low_rank_gemm_dx", "low_rank_dy_grads"}

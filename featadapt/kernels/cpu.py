@@ -22,7 +22,7 @@ if BUILT:
     @torch.library.register_fake(f"featadapt::{OP_NAME}")
     def _(g, x, scale, need_shift):
         k = g.shape[1]
-        return g.new_empty((k,), dtype=torch.float32), g.new_empty((k,), dtype=torch.float32) if need_shift else None
+        return g.new_empty((k,), dtype=torch.float32), g.new_empty((k if need_shift else 0,), dtype=torch.float32)
 
 
 def takes_vefa_input_grads(g, x, scale):
@@ -42,4 +42,5 @@ def takes_vefa_input_grads(g, x, scale):
 
 def vefa_input_grads(g, x, scale, need_shift):
     """(ds, dt or None) in float32; g is overwritten with dx = g ⊙ s."""
-    return torch.ops.featadapt.vefa_input_grads_cpu(g, x, scale.to(torch.float32).contiguous(), need_shift)
+    ds, dt = torch.ops.featadapt.vefa_input_grads_cpu(g, x, scale.to(torch.float32).contiguous(), need_shift)
+    return ds, dt if need_shift else None
