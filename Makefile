@@ -31,7 +31,8 @@ demo: $(STAMP) $(DATA_STAMP)
 	$(PY) -m featadapt.demo $(DEMO_ARGS)
 
 # The benchmark set that fits this machine (gpu when CUDA is available, else
-# cpu); writes benchmarks/results/<device>.json and prints the summary table.
+# cpu-bf16 on CPUs with AVX512-BF16 or AMX, else cpu); writes
+# benchmarks/results/<device>.json and prints the summary table.
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider $(BENCH_ARGS)
 

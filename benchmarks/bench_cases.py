@@ -74,6 +74,14 @@ BENCH_SETS = {
         rank=16, rank_sweep=(8, 16, 64), sweep_dtype=torch.float32, compile_dtypes=(torch.float32,),
         seconds_per_case=0.6, min_rounds=3, max_rounds=30, end_to_end=("minilm-l6",),
     ),
+    # CPUs with native bfloat16 instructions (AVX512-BF16, AMX): bfloat16 at
+    # the float32 shape, and the rank sweep in bfloat16, where the passes
+    # around the fast GEMMs show. About 4 minutes on 2 cores.
+    "cpu-bf16": BenchSet(
+        cases=((Shape(2048, 1024, 1024), torch.float32), (Shape(2048, 1024, 1024), torch.bfloat16)),
+        rank=16, rank_sweep=(8, 16, 64), sweep_dtype=torch.bfloat16, compile_dtypes=(torch.float32,),
+        seconds_per_case=0.6, min_rounds=3, max_rounds=40, end_to_end=("minilm-l6", "minilm-l6-bf16"),
+    ),
     "gpu": BenchSet(
         # Every shape in bfloat16; float16 and float32 at the kernel issue's target shape.
         cases=tuple((shape, torch.bfloat16) for shape in _GPU_SHAPES)
@@ -85,7 +93,11 @@ BENCH_SETS = {
 
 
 def default_set_name():
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "gpu"
+    from bench_report import has_native_bfloat16
+
+    return "cpu-bf16" if has_native_bfloat16() else "cpu"
 
 
 def bench_device():

@@ -1,6 +1,6 @@
 """pytest options and hooks of the benchmark suite.
 
-    pytest benchmarks                      # the set for this machine (gpu if CUDA, else cpu)
+    pytest benchmarks                      # the set for this machine (gpu if CUDA, else cpu-bf16 or cpu)
     pytest benchmarks --bench-set tiny     # seconds; with --benchmark-disable, what make test runs
 
 Every run writes benchmarks/results/<device>.json (or --bench-results PATH)
@@ -20,7 +20,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def pytest_addoption(parser):
     group = parser.getgroup("featadapt benchmarks")
     group.addoption("--bench-set", choices=sorted(BENCH_SETS), default=None,
-                    help="which cases to run (default: gpu when CUDA is available, else cpu)")
+                    help="which cases to run (default: gpu when CUDA is available, else cpu-bf16 on "
+                         "CPUs with native bfloat16 instructions, else cpu)")
     group.addoption("--bench-results", default=None,
                     help="results file to write (default: benchmarks/results/<device>.json)")
 
@@ -55,7 +56,7 @@ def pytest_sessionfinish(session, exitstatus):
     if not results.layers and not results.end_to_end:
         return
     device = bench_device()
-    targets = results.finish(device.type)
+    targets = results.finish(device, BENCH_SETS[bench_set_name(session.config)].rank)
     path = session.config.getoption("--bench-results") or os.path.join(
         RESULTS_DIR, device_slug(device_name(device)) + ".json"
     )

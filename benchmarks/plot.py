@@ -46,6 +46,12 @@ def markdown(results):
     lines = [
         f"Device: {env['device']}; torch {env['torch']}, peft {env['peft']}; "
         f"{env['date'][:10]}, featadapt {env['featadapt_revision'][:12]}.",
+    ]
+    if env.get("machine_load"):
+        one, five, fifteen = env["machine_load"]
+        lines.append(f"Load average at the end of the run (other work on the same cores): "
+                     f"{one:.1f} (1 min), {five:.1f} (5 min), {fifteen:.1f} (15 min).")
+    lines += [
         "",
         "| layer | dtype | shape (M, K, N) | time / floor | time / peer | saved bytes / bytes(x) |",
         "|---|---|---|---|---|---|",

@@ -25,6 +25,7 @@ class ModelSpec:
     batch: int
     seq: int
     causal: bool
+    autocast: bool = False  # float32 weights, the steps run under bfloat16 autocast (on the CPU)
 
 
 def _bert(hidden, layers, heads, intermediate, vocab=30522):
@@ -48,6 +49,7 @@ def _decoder(hidden, layers, heads, ffn, vocab=50272):
 MODELS = {
     "tiny-bert": ModelSpec(_bert(32, 2, 4, 64, vocab=100), batch=2, seq=16, causal=False),
     "minilm-l6": ModelSpec(_bert(384, 6, 12, 1536), batch=16, seq=64, causal=False),
+    "minilm-l6-bf16": ModelSpec(_bert(384, 6, 12, 1536), batch=16, seq=64, causal=False, autocast=True),
     "bert-base": ModelSpec(_bert(768, 12, 12, 3072), batch=32, seq=128, causal=False),
     "gpt2-medium-size": ModelSpec(_decoder(1024, 24, 16, 4096), batch=8, seq=512, causal=True),
 }
@@ -78,7 +80,7 @@ def adapt(model, method):
 def training_step(model_name, method, device):
     """A closure running one training step of `model_name` adapted by `method`."""
     spec = MODELS[model_name]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" and not spec.autocast else torch.float32
     torch.manual_seed(0)
     model = adapt(spec.build().to(device=device, dtype=dtype), method)
     model.train()
@@ -88,14 +90,15 @@ def training_step(model_name, method, device):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
-        loss = model(input_ids=input_ids, labels=labels).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.autocast):
+            loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
 
     step.model = model
-    step.dtype = dtype
+    step.dtype = "bfloat16-autocast" if spec.autocast else str(dtype).removeprefix("torch.")
     return step
 
 
@@ -133,7 +136,7 @@ def test_training_step(benchmark, bench_set, bench_results, model_method):
     bench_results.end_to_end.append({
         "model": model_name,
         "method": method,
-        "dtype": str(step.dtype).removeprefix("torch."),
+        "dtype": step.dtype,
         "batch": spec.batch,
         "seq": spec.seq,
         "trainable_params": trainable,

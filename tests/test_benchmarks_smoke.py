@@ -2,6 +2,7 @@
 writes a results file with every case, and prints the summary table."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -60,3 +61,68 @@ def test_quantized_base_cases_are_recorded(tiny_run):
         (f"tiny-bert ({base} base)", method) for base in ("nf4", "int8") for method in ("vefa", "lorfa", "lora", "peft-lora")
     }
     assert all(row["peak_bytes"] > 0 and row["peak_bytes_full_precision"] > 0 for row in rows)
+
+
+def _bench_module(name):
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_cpu_device_name_gives_model_cores_and_features(monkeypatch):
+    import torch
+
+    report = _bench_module("bench_report")
+    monkeypatch.setattr(report, "cpu_model", lambda: "Intel Xeon")
+    monkeypatch.setattr(report, "cpu_features", lambda: ["AVX2", "AVX512", "AVX512-BF16", "AMX"])
+    name = report.device_name(torch.device("cpu"))
+    assert name == f"Intel Xeon ({os.cpu_count()} cores; AVX2, AVX512, AVX512-BF16, AMX)"
+    assert report.device_slug(name) == f"intel-xeon-{os.cpu_count()}-cores-avx2-avx512-avx512-bf16-amx"
+    assert report.target_kind(torch.device("cpu")) == "cpu-bf16"
+    monkeypatch.setattr(report, "cpu_features", lambda: ["AVX2"])
+    assert report.target_kind(torch.device("cpu")) == "cpu"
+
+
+def test_cpu_model_drops_trademarks_and_clock(monkeypatch):
+    import builtins
+    import io
+
+    report = _bench_module("bench_report")
+    cpuinfo = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz\n"
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: io.StringIO(cpuinfo) if path == "/proc/cpuinfo"
+                        else real_open(path, *a, **k))
+    assert report.cpu_model() == "Intel Xeon Platinum 8480+"
+
+
+def test_targets_depend_on_the_kind_of_cpu_and_the_dtype():
+    report = _bench_module("bench_report")
+    assert report.target_ratio("cpu-bf16", "bfloat16", "vefa") == 1.10
+    assert report.target_ratio("cpu-bf16", "float32", "lora") == 1.12
+    assert report.target_ratio("cpu", "bfloat16", "lorfa") == 1.20
+    assert report.target_ratio("cpu-bf16", "float16", "vefa") is None
+
+
+def test_profile_missed_stores_where_the_time_goes(tiny_run, tmp_path):
+    results, _ = tiny_run
+    results = json.loads(json.dumps(results))
+    # --benchmark-disable times nothing, so no target row is judged: mark one missed.
+    row = next(r for r in results["layers"] if r["layer"] == "vefa/torch" and r["mode"] == "forward+backward")
+    case = _bench_module("bench_report").case_label(row)
+    results["targets"] = [{"case": case, "met": False}]
+    path = tmp_path / "missed.json"
+    path.write_text(json.dumps(results))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_missed.py"), str(path), "--steps", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    profiles = json.loads(path.read_text())["profiles"]
+    assert list(profiles) == [case]
+    for side in ("layer", "floor"):
+        ops = profiles[case][side]["ops"]
+        assert ops and all(op["self_ms"] >= 0 and 0 < op["share"] <= 1 for op in ops)

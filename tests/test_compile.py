@@ -213,6 +213,13 @@ def _indexed_low_rank_gemm_args(device):
     ]
 
 
+def _vefa_input_grads_cpu_args(device):
+    if device != "cpu":
+        return []  # a CPU kernel
+    g, x = _randn(device, M, K), _randn(device, M, K)
+    return [(g, x, _randn(device, K), True), (g.clone(), _randn(device, M, 2 * K)[:, :K], _randn(device, K), False)]
+
+
 def _dropout_keep_mask_args(device):
     return [([M, K], 0.25, 1234, torch.device(device)), ([3, 5, 7], 0.5, 2**62 - 1, torch.device(device))]
 
@@ -231,6 +238,7 @@ SAMPLE_ARGS = {
     "indexed_scaled_gemm": _indexed_scaled_gemm_args,
     "indexed_shrink": _indexed_shrink_args,
     "indexed_low_rank_gemm": _indexed_low_rank_gemm_args,
+    "vefa_input_grads_cpu": _vefa_input_grads_cpu_args,
 }
 # Ops that launch Triton kernels: on CPU they run only under TRITON_INTERPRET=1.
 TRITON_OPS = {"scaled_gemm", "scaled_gemm_backward", "low_rank_gemm", "low_rank_gemm_dx", "low_rank_dy_grads",

@@ -35,10 +35,12 @@ LOW_RANK = ("lorfa", "lora")
 # -- which code path a shape takes ---------------------------------------------
 
 
-def torch_path(method, m, n, k):
+def torch_path(method, m, n, k, dropout_p=0.0):
     """The torch backend's internal path for an (M, K) x (K, N) problem."""
     if method == "vefa":
         return "scale-weight" if torch_backend.scales_weight_once(m, n) else "scale-x"
+    if torch_backend.merges_low_rank_weight(m, n, k) and dropout_p == 0.0:
+        return "merged"
     if method == "lorfa":
         return torch_backend.lorfa_form(m, n, k)
     return "lora"
@@ -46,8 +48,8 @@ def torch_path(method, m, n, k):
 
 ALL_PATHS = {
     "vefa": {"scale-weight", "scale-x"},
-    "lorfa": {torch_backend.LORFA_INPUT, torch_backend.LORFA_PROJECTED},
-    "lora": {"lora"},
+    "lorfa": {torch_backend.LORFA_INPUT, torch_backend.LORFA_PROJECTED, "merged"},
+    "lora": {"lora", "merged"},
 }
 
 
@@ -70,7 +72,7 @@ SHAPE_CASES = {
 @pytest.mark.parametrize("method", METHODS)
 def test_shape_cases_cover_every_torch_path(method):
     """Both LoRFA forms and both VeFA paths are among the shape cases."""
-    taken = {torch_path(method, c.m, c.n, c.k) for c in SHAPE_CASES.values()}
+    taken = {torch_path(method, c.m, c.n, c.k, c.dropout_for(method)) for c in SHAPE_CASES.values()}
     assert taken == ALL_PATHS[method]
 
 
@@ -88,12 +90,13 @@ def test_shapes_match_float64_reference(method, backend, case):
 DTYPE_SHAPES = {
     "BxT-3x11-K17-N257": Case((3, 11), 17, 257, r=7),
     "M97-K257-N17-dropout": Case((97,), 257, 17, r=16, dropout_p=0.1),
+    "M5-K17-N257": Case((5,), 17, 257, r=7),
 }
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_dtype_shapes_cover_every_torch_path(method):
-    taken = {torch_path(method, c.m, c.n, c.k) for c in DTYPE_SHAPES.values()}
+    taken = {torch_path(method, c.m, c.n, c.k, c.dropout_for(method)) for c in DTYPE_SHAPES.values()}
     assert taken == ALL_PATHS[method]
 
 
@@ -112,6 +115,9 @@ FORCED = [
     ("lorfa", "lorfa_form", torch_backend.LORFA_PROJECTED),
     ("vefa", "scales_weight_once", True),
     ("vefa", "scales_weight_once", False),
+    ("lora", "merges_low_rank_weight", True),
+    ("lora", "merges_low_rank_weight", False),
+    ("lorfa", "merges_low_rank_weight", True),
 ]
 
 
@@ -162,10 +168,12 @@ GRADCHECK_CASES = [
     ("vefa", (2, 4), 9, 3, "scale-weight", 0.0),
     ("lorfa", (5,), 7, 6, torch_backend.LORFA_INPUT, 0.0),
     ("lorfa", (5,), 7, 6, torch_backend.LORFA_INPUT, 0.3),
-    ("lorfa", (2, 4), 9, 2, torch_backend.LORFA_PROJECTED, 0.0),
+    ("lorfa", (3,), 9, 2, torch_backend.LORFA_PROJECTED, 0.0),
     ("lorfa", (2, 4), 9, 2, torch_backend.LORFA_PROJECTED, 0.3),
-    ("lora", (2, 3), 7, 5, "lora", 0.0),
+    ("lorfa", (4, 5), 7, 5, "merged", 0.0),
+    ("lora", (2, 3), 7, 9, "lora", 0.0),
     ("lora", (2, 3), 7, 5, "lora", 0.3),
+    ("lora", (4, 5), 7, 5, "merged", 0.0),
 ]
 
 
@@ -175,7 +183,7 @@ GRADCHECK_CASES = [
     ids=[f"{c[0]}-{c[4]}-p{c[5]}" for c in GRADCHECK_CASES],
 )
 def test_gradcheck_float64(method, backend, lead, k, n, path, dropout_p):
-    assert torch_path(method, math.prod(lead), n, k) == path
+    assert torch_path(method, math.prod(lead), n, k, dropout_p) == path
     t = make_inputs(method, lead, k, n, r=3, dtype=torch.float64, train_base=True)
     names = [name for name, value in t.items() if value is not None]
     assert {"x", "weight", "bias"} <= set(names) and all(t[name].requires_grad for name in names)
@@ -258,13 +266,15 @@ def measure_saved(method, t, backend, dropout_p):
     return saved_activation_bytes(lambda: call_op(method, t, backend, dropout_p=dropout_p), params)
 
 
-# (method, M, K, N): both VeFA paths and both LoRFA forms
+# (method, M, K, N): both VeFA paths, both LoRFA forms and the merged weight
 MEMORY_CASES = [
     ("vefa", 64, 96, 80),
     ("vefa", 200, 96, 80),
     ("lorfa", 64, 96, 80),
+    ("lorfa", 24, 96, 16),
     ("lorfa", 200, 96, 16),
     ("lora", 64, 96, 80),
+    ("lora", 200, 96, 16),
 ]
 
 
@@ -280,7 +290,7 @@ MEMORY_RUNS = [(*c, p) for c in MEMORY_CASES for p in ((0.0,) if c[0] == "vefa" 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method,m,k,n,dropout_p", MEMORY_RUNS,
-                         ids=[f"{c[0]}-{torch_path(c[0], c[1], c[3], c[2])}-p{c[4]}" for c in MEMORY_RUNS])
+                         ids=[f"{c[0]}-{torch_path(c[0], c[1], c[3], c[2], c[4])}-p{c[4]}" for c in MEMORY_RUNS])
 def test_torch_backend_saves_only_x_and_u(method, m, k, n, dropout_p, x_dtype):
     """VeFA saves x; LoRA/LoRFA save x and u (M×r) in x's dtype: no float32
     copy of a half-precision x even with float32 adapters."""

@@ -249,7 +249,8 @@ def test_auto_never_picks_triton_for_cpu_tensors(monkeypatch, method, dtype):
     with OpRecorder() as recorder:
         y = call_op(method, t)
         gradients(y, torch.randn_like(y), t)
-    assert recorder.ops == []
+    # No Triton or CUDA op; the torch backend's own fused CPU kernel may run.
+    assert [op for op in recorder.ops if op != "vefa_input_grads_cpu"] == []
 
 
 @runs_here

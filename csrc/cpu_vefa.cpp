@@ -1,0 +1,188 @@
+// featadapt::vefa_input_grads_cpu: VeFA's backward after the frozen GEMM, on
+// the CPU, in one pass over g = dy W0 and x (DESIGN.md §1):
+//   dx = g ⊙ s (written over g), ds = Σ_m g ⊙ x, dt = Σ_m g.
+// With torch ops this takes a product, a float32 copy of it for the sum and a
+// scaling pass; here each element of g and x is read once, converted to float32
+// in registers, and the sums accumulate in float32 per thread.
+//
+// The row loop is compiled for several instruction sets (GCC target_clones)
+// and the best one the CPU has is chosen at load time, so the extension still
+// runs on CPUs without AVX-512.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace featadapt {
+namespace {
+
+using at::Tensor;
+
+// Inlined into each instruction-set clone below, so each is compiled for it.
+#if defined(__GNUC__)
+#define FEATADAPT_INLINE inline __attribute__((always_inline))
+#else
+#define FEATADAPT_INLINE inline
+#endif
+
+// bfloat16 <-> float32 on the raw bits, written so that the compiler
+// vectorises the loops below (c10::BFloat16's conversions do not).
+FEATADAPT_INLINE float load_float(const c10::BFloat16& v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+FEATADAPT_INLINE float load_float(const float& v) { return v; }
+FEATADAPT_INLINE float load_float(const c10::Half& v) { return static_cast<float>(v); }
+
+FEATADAPT_INLINE void store_float(c10::BFloat16& out, float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // to nearest even
+  out.x = f != f ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);  // NaN stays NaN
+}
+FEATADAPT_INLINE void store_float(float& out, float f) { out = f; }
+FEATADAPT_INLINE void store_float(c10::Half& out, float f) { out = static_cast<c10::Half>(f); }
+
+// One row: dx = g ⊙ s over g, ds += g ⊙ x, dt += g.
+template <typename T, bool kShift>
+FEATADAPT_INLINE void vefa_row(T* __restrict g, const T* __restrict x, const float* __restrict s, int64_t k,
+                               float* __restrict ds, float* __restrict dt) {
+  for (int64_t j = 0; j < k; ++j) {
+    const float a = load_float(g[j]);
+    ds[j] += a * load_float(x[j]);
+    if (kShift) dt[j] += a;
+    store_float(g[j], a * s[j]);
+  }
+}
+
+// Four rows at once, so that each ds[j] (and dt[j]) is loaded and stored once
+// per four rows.
+template <typename T, bool kShift>
+FEATADAPT_INLINE void vefa_four_rows(T* __restrict g0, T* __restrict g1, T* __restrict g2, T* __restrict g3,
+                                     const T* __restrict x0, const T* __restrict x1, const T* __restrict x2,
+                                     const T* __restrict x3, const float* __restrict s, int64_t k,
+                                     float* __restrict ds, float* __restrict dt) {
+  for (int64_t j = 0; j < k; ++j) {
+    const float a0 = load_float(g0[j]), a1 = load_float(g1[j]), a2 = load_float(g2[j]), a3 = load_float(g3[j]);
+    ds[j] += (a0 * load_float(x0[j]) + a1 * load_float(x1[j])) + (a2 * load_float(x2[j]) + a3 * load_float(x3[j]));
+    if (kShift) dt[j] += (a0 + a1) + (a2 + a3);
+    const float sj = s[j];
+    store_float(g0[j], a0 * sj);
+    store_float(g1[j], a1 * sj);
+    store_float(g2[j], a2 * sj);
+    store_float(g3[j], a3 * sj);
+  }
+}
+
+template <typename T, bool kShift>
+FEATADAPT_INLINE void vefa_rows_of(T* g, int64_t gs, const T* x, int64_t xs, const float* s, int64_t k,
+                                   int64_t rows, float* ds, float* dt) {
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4) {
+    T* g_m = g + m * gs;
+    const T* x_m = x + m * xs;
+    vefa_four_rows<T, kShift>(g_m, g_m + gs, g_m + 2 * gs, g_m + 3 * gs, x_m, x_m + xs, x_m + 2 * xs,
+                              x_m + 3 * xs, s, k, ds, dt);
+  }
+  for (; m < rows; ++m) vefa_row<T, kShift>(g + m * gs, x + m * xs, s, k, ds, dt);
+}
+
+template <typename T>
+FEATADAPT_INLINE void vefa_rows(T* g, int64_t gs, const T* x, int64_t xs, const float* s, int64_t k,
+                                int64_t rows, float* ds, float* dt) {
+  if (dt != nullptr) {
+    vefa_rows_of<T, true>(g, gs, x, xs, s, k, rows, ds, dt);
+  } else {
+    vefa_rows_of<T, false>(g, gs, x, xs, s, k, rows, ds, dt);
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FEATADAPT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FEATADAPT_CPU_CLONES
+#endif
+
+// One non-template function per dtype: target_clones does not take templates.
+FEATADAPT_CPU_CLONES void rows_bf16(c10::BFloat16* g, int64_t gs, const c10::BFloat16* x, int64_t xs,
+                                    const float* s, int64_t k, int64_t rows, float* ds, float* dt) {
+  vefa_rows(g, gs, x, xs, s, k, rows, ds, dt);
+}
+FEATADAPT_CPU_CLONES void rows_f16(c10::Half* g, int64_t gs, const c10::Half* x, int64_t xs, const float* s,
+                                   int64_t k, int64_t rows, float* ds, float* dt) {
+  vefa_rows(g, gs, x, xs, s, k, rows, ds, dt);
+}
+FEATADAPT_CPU_CLONES void rows_f32(float* g, int64_t gs, const float* x, int64_t xs, const float* s, int64_t k,
+                                   int64_t rows, float* ds, float* dt) {
+  vefa_rows(g, gs, x, xs, s, k, rows, ds, dt);
+}
+
+template <typename T, typename Rows>
+void run(Tensor& g, const Tensor& x, const Tensor& scale, float* ds, float* dt, int64_t threads, Rows rows) {
+  const int64_t m = g.size(0), k = g.size(1);
+  T* g_ptr = g.data_ptr<T>();
+  const T* x_ptr = x.data_ptr<T>();
+  const float* s = scale.data_ptr<float>();
+  const int64_t gs = g.stride(0), xs = x.stride(0);
+  // One block of rows per thread; each thread sums into its own K-vectors.
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t begin = m * t / threads, end = m * (t + 1) / threads;
+      rows(g_ptr + begin * gs, gs, x_ptr + begin * xs, xs, s, k, end - begin, ds + t * k,
+           dt == nullptr ? nullptr : dt + t * k);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> vefa_input_grads_cpu(Tensor& g, const Tensor& x, const Tensor& scale,
+                                                        bool need_shift) {
+  const char* op = "featadapt::vefa_input_grads_cpu";
+  TORCH_CHECK(g.device().is_cpu() && x.device().is_cpu() && scale.device().is_cpu(), op,
+              ": expected CPU tensors, got g on ", g.device(), ", x on ", x.device(), ", scale on ", scale.device());
+  TORCH_CHECK(g.dim() == 2, op, ": g must be 2-D (M, K), got shape ", g.sizes());
+  TORCH_CHECK(x.sizes() == g.sizes(), op, ": x must have g's shape ", g.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == g.scalar_type(), op, ": x must have g's dtype ", g.scalar_type(), ", got ",
+              x.scalar_type());
+  TORCH_CHECK(g.stride(1) == 1 && x.stride(1) == 1, op, ": g and x need unit stride along K, got strides ",
+              g.strides(), " and ", x.strides());
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == g.size(1) && scale.scalar_type() == at::kFloat &&
+                  scale.is_contiguous(),
+              op, ": scale must be a contiguous float32 vector of size ", g.size(1), ", got shape ", scale.sizes(),
+              " and dtype ", scale.scalar_type());
+  const int64_t m = g.size(0), k = g.size(1);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m));
+  auto f32 = x.options().dtype(at::kFloat);
+  Tensor ds_parts = at::zeros({threads, k}, f32);
+  Tensor dt_parts = need_shift ? at::zeros({threads, k}, f32) : Tensor();
+  float* ds = ds_parts.data_ptr<float>();
+  float* dt = need_shift ? dt_parts.data_ptr<float>() : nullptr;
+  switch (g.scalar_type()) {
+    case at::kBFloat16: run<c10::BFloat16>(g, x, scale, ds, dt, threads, rows_bf16); break;
+    case at::kHalf: run<c10::Half>(g, x, scale, ds, dt, threads, rows_f16); break;
+    case at::kFloat: run<float>(g, x, scale, ds, dt, threads, rows_f32); break;
+    default:
+      TORCH_CHECK(false, op, ": expected float32, float16 or bfloat16 tensors, got ", g.scalar_type());
+  }
+  return {ds_parts.sum(0), need_shift ? dt_parts.sum(0) : at::empty({0}, f32)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(featadapt, m) {
+  // g is overwritten with dx; returns ds and dt (empty without need_shift), float32.
+  // (No optional outputs: torch.compile's functionalization of a mutating op takes none.)
+  m.def("vefa_input_grads_cpu(Tensor(a!) g, Tensor x, Tensor scale, bool need_shift) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(featadapt, CPU, m) { m.impl("vefa_input_grads_cpu", &vefa_input_grads_cpu); }
+
+}  // namespace featadapt
