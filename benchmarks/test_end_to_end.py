@@ -77,12 +77,14 @@ def adapt(model, method):
     return peft.get_peft_model(model, config)
 
 
-def training_step(model_name, method, device):
-    """A closure running one training step of `model_name` adapted by `method`."""
+def training_step(model_name, method, device, prepare=None):
+    """A closure running one training step of `model_name` adapted by `method`;
+    `prepare(model)`, if given, changes the built model before it is adapted."""
     spec = MODELS[model_name]
     dtype = torch.bfloat16 if device.type == "cuda" and not spec.autocast else torch.float32
     torch.manual_seed(0)
-    model = adapt(spec.build().to(device=device, dtype=dtype), method)
+    model = spec.build().to(device=device, dtype=dtype)
+    model = adapt(model if prepare is None else prepare(model), method)
     model.train()
     generator = torch.Generator(device=device).manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (spec.batch, spec.seq), device=device, generator=generator)

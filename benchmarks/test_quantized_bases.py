@@ -13,7 +13,7 @@ import torch
 import featadapt
 from bench_cases import bench_device, interleaved_medians, peak_memory_bytes
 from featadapt.model import matching_modules, replace_module
-from test_end_to_end import MODELS, adapt
+from test_end_to_end import MODELS, _no_setup, training_step
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -41,40 +41,11 @@ def quantize_linears(model, base, device):
     return model
 
 
-def training_step(model_name, base, method, device):
-    spec = MODELS[model_name]
-    torch.manual_seed(0)
-    model = spec.build().to(device)
-    if base is not None:
-        quantize_linears(model, base, device)
-    model = adapt(model, method)
-    model.train()
-    generator = torch.Generator(device=device).manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (spec.batch, spec.seq), device=device, generator=generator)
-    labels = input_ids if spec.causal else torch.randint(0, 2, (spec.batch,), device=device, generator=generator)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    step.model = model
-    return step
-
-
-def _no_setup():
-    return (), {}
-
-
 def test_quantized_base_training_step(benchmark, bench_set, bench_results, quantized_case):
     model_name, base, method = quantized_case
     spec = MODELS[model_name]
     device = bench_device()
-    step = training_step(model_name, base, method, device)
+    step = training_step(model_name, method, device, prepare=lambda model: quantize_linears(model, base, device))
     start = time.perf_counter()
     step()  # warm-up, and the estimate that sets the rounds
     rounds = bench_set.rounds_for(time.perf_counter() - start)
@@ -82,14 +53,14 @@ def test_quantized_base_training_step(benchmark, bench_set, bench_results, quant
     benchmark.pedantic(step, rounds=rounds)
     median = None if benchmark.disabled else benchmark.stats.stats.median
 
-    full_precision = training_step(model_name, None, method, device)
+    full_precision = training_step(model_name, method, device)
     full_precision()
     full_median, quantized_median = interleaved_medians([(_no_setup, full_precision), (_no_setup, step)], rounds)
     trainable, total = featadapt.trainable_parameters(step.model)
     bench_results.end_to_end.append({
         "model": f"{model_name} ({base} base)",
         "method": method,
-        "dtype": "float32",
+        "dtype": step.dtype,
         "batch": spec.batch,
         "seq": spec.seq,
         "trainable_params": trainable,
