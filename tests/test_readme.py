@@ -24,11 +24,13 @@ def test_usage_example_runs(tmp_path, monkeypatch):
 
 
 # The integration examples (PEFT, GPT-2, Trainer), after the usage example and the signatures.
-INTEGRATION_BLOCKS = {"peft": 2, "gpt2-conv1d": 3, "trainer": 4}
+INTEGRATION_BLOCKS = {"peft": 2, "gpt2-conv1d": 3, "trainer": 4, "trainer-intruders": 6}
+# Run by tests/test_demo.py on the demo's files: loading its adapters into the stock models.
+DEMO_BLOCKS = 1
 
 
 def test_every_python_block_is_checked():
-    assert len(python_blocks()) == 2 + len(INTEGRATION_BLOCKS)
+    assert len(python_blocks()) == 2 + len(INTEGRATION_BLOCKS) + DEMO_BLOCKS
 
 
 @pytest.mark.parametrize("index", INTEGRATION_BLOCKS.values(), ids=INTEGRATION_BLOCKS.keys())
