@@ -369,9 +369,9 @@ def model_report(model, k=10, epsilon=0.5, rtol=None):
 
 # -- watching a model while it trains --------------------------------------------
 
-# Every 50 steps: on the demo's model (MiniLM-L6, 36 adapted layers) one check costs
-# about as much as one training step, so this keeps the watch's cost near 2 % of
-# training (docs/demo/sequential.json records the measurement).
+# Every 50 steps: on the demo's model (MiniLM-L6, 36 adapted layers) that keeps the
+# watch's cost within a few percent of training; docs/demo/sequential/sequential.json
+# ("watch_cost") records what one check costs next to one training step.
 DEFAULT_WATCH_EVERY = 50
 
 

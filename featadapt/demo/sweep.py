@@ -17,6 +17,7 @@ from .train import METHODS, accuracy, build_model, layer_diagnostics, train
 
 # Multiples of each method's default learning rate (METHODS): a factor of 3 either way.
 LR_FACTORS = (1 / 3, 1.0, 3.0)
+ZOOM_WORDSIM_DROP = 0.2  # the frontier plot's zoomed panel shows runs that lost less than this
 
 
 @dataclass
@@ -113,23 +114,28 @@ def markdown_table(results):
 
 
 def plot_frontier(results, path):
-    """Test accuracy against retained WordSim353: one curve per method through its learning rates."""
+    """Test accuracy against retained WordSim353: one curve per method through its learning rates;
+    on the right, the same zoomed to the runs that kept most of WordSim353 (a diverged run
+    would otherwise squeeze the rest into a corner)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.5, 4.8))
-    axes = figure.add_subplot()
-    for index, (name, entry) in enumerate(results["methods"].items()):
-        points = entry["points"]
-        xs = [p["wordsim_after"] for p in points]
-        ys = [p["test_accuracy"] for p in points]
-        axes.plot(xs, ys, "-o", color=f"C{index}", label=name)
-        for p, x, y in zip(points, xs, ys):
-            marker = "*" if p["learning_rate"] == entry["default_learning_rate"] else ""
-            axes.annotate(f"{p['learning_rate']:.0e}{marker}", (x, y), textcoords="offset points", xytext=(4, 3),
-                          fontsize="x-small", color=f"C{index}")
-    axes.axvline(results["wordsim_pretrained"], color="gray", linestyle="--", label="pretrained WordSim353")
-    axes.set_xlabel("WordSim353 Spearman after fine-tuning (higher = less forgotten)")
-    axes.set_ylabel("Rotten Tomatoes test accuracy")
-    axes.set_title("Accuracy vs retained word similarity over learning rates (* = default)")
-    axes.legend(fontsize="small")
+    figure = Figure(figsize=(12, 4.8))
+    whole, zoom = figure.subplots(1, 2)
+    kept = results["wordsim_pretrained"] - ZOOM_WORDSIM_DROP
+    for axes in (whole, zoom):
+        for index, (name, entry) in enumerate(results["methods"].items()):
+            points = entry["points"] if axes is whole else [p for p in entry["points"] if p["wordsim_after"] >= kept]
+            xs = [p["wordsim_after"] for p in points]
+            ys = [p["test_accuracy"] for p in points]
+            axes.plot(xs, ys, "-o", color=f"C{index}", label=name)
+            for p, x, y in zip(points, xs, ys):
+                marker = "*" if p["learning_rate"] == entry["default_learning_rate"] else ""
+                axes.annotate(f"{p['learning_rate']:.0e}{marker}", (x, y), textcoords="offset points",
+                              xytext=(4, 3), fontsize="x-small", color=f"C{index}")
+        axes.axvline(results["wordsim_pretrained"], color="gray", linestyle="--", label="pretrained WordSim353")
+        axes.set_xlabel("WordSim353 Spearman after fine-tuning (higher = less forgotten)")
+        axes.set_ylabel("Rotten Tomatoes test accuracy")
+    whole.set_title("Accuracy vs retained word similarity over learning rates (* = default)", fontsize="medium")
+    zoom.set_title(f"zoomed: runs within {ZOOM_WORDSIM_DROP} of the pretrained WordSim353", fontsize="medium")
+    whole.legend(fontsize="small")
     save_figure(figure, path)
