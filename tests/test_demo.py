@@ -385,3 +385,21 @@ def test_options_are_checked():
     for bad in (["--methods", "dora"], ["--seeds", "0"], ["--methods", "full", "--no-full"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_readme_demo_tables_match_the_committed_results():
+    """The sequential and learning-rate tables in the README are the committed results, cell for cell."""
+    import pathlib
+
+    from featadapt.demo import sequential_report, sweep
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    sequential = json.loads((root / "docs" / "demo" / "sequential" / "sequential.json").read_text())
+    assert sequential["config"]["seeds"] == 3
+    assert sequential_report.markdown_table(sequential) in readme
+    lr_sweep = json.loads((root / "docs" / "demo" / "lr-sweep" / "lr_sweep.json").read_text())
+    assert sweep.markdown_table(lr_sweep) in readme
+    for plot in ("sequential/sequential_forgetting.png", "sequential/intruders_over_steps.png",
+                 "lr-sweep/lr_frontier.png"):
+        assert f"docs/demo/{plot}" in readme and (root / "docs" / "demo" / plot).is_file()

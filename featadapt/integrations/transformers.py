@@ -19,7 +19,7 @@ class IntruderDimensionsCallback(TrainerCallback):
     """Logs "intruders/total" and "intruders/column_space_residual" every `every` steps.
 
     trainer: the Trainer to log through (the callback's events do not carry it):
-        trainer.add_callback(IntruderDimensionsCallback(trainer, every=50))
+        trainer.add_callback(IntruderDimensionsCallback(trainer, every=100))
     k, epsilon, rtol: as in featadapt.analysis.intruder_dimensions / column_space_residual.
     pretrained: {module name: pretrained weight} to watch plain layers (full
         fine-tuning); by default, every adapter layer against its frozen weight.
