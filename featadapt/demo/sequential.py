@@ -242,6 +242,7 @@ def merge_seed_results(parts, output_dir):
         methods[name] = {**entry, "summary": summarise(runs), "runs": runs}
     runs = {name: entry["runs"] for name, entry in methods.items()}
     output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     results = {
         **first,
         "config": {**first["config"], "seeds": len(seeds), "output_dir": str(output_dir),
