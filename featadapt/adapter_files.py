@@ -1,7 +1,8 @@
 """Adapter files: the adapter tensors in safetensors plus a JSON config.
 
 A directory holds `adapters.safetensors` (one tensor per adapter parameter,
-keyed "<module name>.<parameter>") and `adapter_config.json` (method,
+keyed "<module name>.<parameter>", names relative to the model or to the
+`root=` submodule it was saved from) and `adapter_config.json` (method,
 hyper-parameters, targets, featadapt version). Each file is written to a
 temporary file in the same directory and renamed into place, so a crash never
 leaves a half-written file behind.
@@ -48,10 +49,40 @@ def _is_dtensor(tensor):
     return isinstance(tensor, DTensor)
 
 
-def _saved_layers(model, caller):
-    layers = adapter_layers(_unwrap(model))
+def resolve_root(model, root, caller):
+    """The module whose names the files use: `model` itself (root=None), the
+    submodule `root` names ("encoder"), or `root` given as one of its submodules.
+
+    Saving from a submodule and loading into that submodule of another model
+    lets adapters trained inside a wrapper load into the bare model, and back.
+    """
+    if root is None:
+        return model
+    if isinstance(root, str):
+        try:
+            return model.get_submodule(root)
+        except AttributeError:
+            raise ValueError(f"{caller}: root={root!r} names no submodule of the model") from None
+    if not isinstance(root, torch.nn.Module):
+        raise TypeError(f"{caller}: root must be None, a submodule name or an nn.Module, got {type(root).__name__}")
+    if not any(module is root for module in model.modules()):
+        raise ValueError(f"{caller}: root must be the model or one of its submodules, got a {type(root).__name__} "
+                         "that is not inside the model")
+    return root
+
+
+def _saved_layers(model, caller, root=None):
+    model = _unwrap(model)
+    base = resolve_root(model, root, caller)
+    layers = adapter_layers(base)
     if not layers:
-        raise ValueError(f"{caller}: the model has no adapter layers; call featadapt.inject first")
+        raise ValueError(f"{caller}: the model has no adapter layers{' under root' if root is not None else ''}; "
+                         "call featadapt.inject first")
+    inside = {id(layer) for _, layer in layers}
+    outside = [name for name, layer in adapter_layers(model) if id(layer) not in inside]
+    if outside:
+        # Saving only part of the adapters would make a file that silently reproduces a different model.
+        raise ValueError(f"{caller}: root leaves out the adapters {', '.join(outside)}; choose a root that holds them all")
     return layers
 
 
@@ -95,13 +126,17 @@ def write_adapter_files(layers, tensors, path):
     write_atomically(os.path.join(path, CONFIG_FILE), write_config)
 
 
-def save_adapters(model, path):
+def save_adapters(model, path, *, root=None):
     """Save every adapter of `model` into the directory `path` (created if missing).
 
+    root (a submodule of `model`, or its name) names modules relative to it:
+    `save_adapters(classifier, path, root=classifier.encoder)` writes
+    "layer.0.attention.self.query" rather than "encoder.layer.0...", so the
+    files load into the bare encoder. Every adapter must lie under root.
     A DistributedDataParallel model is saved as the model it wraps. A model whose
     adapters are sharded (FSDP2) needs featadapt.save_adapters_distributed.
     """
-    layers = _saved_layers(model, "save_adapters")
+    layers = _saved_layers(model, "save_adapters", root)
     write_adapter_files(layers, _local_tensors(layers), path)
 
 
@@ -124,7 +159,10 @@ def _layer_for(model_modules, name, spec, backend):
     own, or a new one around its nn.Linear or Conv1D. Raises on any mismatch."""
     module = model_modules.get(name)
     if module is None:
-        raise ValueError(f"load_adapters: the adapter file has module {name!r}, which the model does not have")
+        raise ValueError(
+            f"load_adapters: the adapter file has module {name!r}, which the model does not have "
+            "(names are relative to the module the file was saved from: load into that module with root=)"
+        )
     method = spec["method"]
     options = {k: v for k, v in spec.items() if k != "method"}
     if isinstance(module, AdapterLayer):
@@ -151,8 +189,13 @@ def _like(param, value):
     return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
 
 
-def load_adapters(model, path, *, backend=None):
+def load_adapters(model, path, *, root=None, backend=None):
     """Load adapters saved by `save_adapters` into `model`, in place.
+
+    root (a submodule of `model`, or its name) is the module the saved names
+    are relative to: `load_adapters(clf, path, root=clf.bert)` puts adapters
+    saved from a bare BERT encoder into a classifier built around one. The
+    returned names are relative to root too.
 
     Modules that are plain nn.Linear (or Conv1D) layers get the saved adapter injected
     (computing with `backend`, automatic by default); modules that already
@@ -161,7 +204,8 @@ def load_adapters(model, path, *, backend=None):
     model it wraps; sharded (FSDP2) adapters load on every rank, each rank keeping
     its shard. Returns the loaded names.
     """
-    model = _unwrap(model)
+    whole_model = _unwrap(model)
+    model = resolve_root(whole_model, root, "load_adapters")
     config = read_adapter_config(path)
     tensors = load_file(os.path.join(path, WEIGHTS_FILE))
     model_modules = dict(model.named_modules())
@@ -199,5 +243,5 @@ def load_adapters(model, path, *, backend=None):
         if was_merged:
             layer.merge()
     if injected:
-        freeze_all_but_adapters(model)
+        freeze_all_but_adapters(whole_model)
     return [name for name, _ in plan]

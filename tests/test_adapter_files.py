@@ -144,3 +144,62 @@ def test_loading_into_a_plain_model_uses_the_given_backend(tmp_path):
     fresh = mlp()
     featadapt.load_adapters(fresh, tmp_path, backend="reference")
     assert fresh[0].backend == "reference" and fresh[2].backend == "reference"
+
+
+# -- root=: names relative to a submodule ------------------------------------------
+
+
+class Wrapper(nn.Module):
+    """A model around a "pretrained" body, as a task wrapper puts one: body plus a head."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("method", OPTIONS)
+def test_root_saves_names_relative_to_the_submodule(method, tmp_path):
+    wrapped = Wrapper(adapted(method))
+    featadapt.save_adapters(wrapped, tmp_path, root=wrapped.body)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["targets"] == ["0", "2"]  # not "body.0", "body.2"
+
+    bare = mlp()  # the body as it ships, without the wrapper
+    assert featadapt.load_adapters(bare, tmp_path) == ["0", "2"]
+    x = torch.randn(5, 11)
+    assert torch.equal(bare(x), wrapped.body(x))
+
+    other = Wrapper(mlp())  # and into the same submodule of another wrapper, named by string
+    assert featadapt.load_adapters(other, tmp_path, root="body") == ["0", "2"]
+    assert torch.equal(other.body(x), wrapped.body(x))
+    # Loading froze the whole model but the adapters, the wrapper's head included.
+    assert not any(p.requires_grad for p in other.head.parameters())
+
+
+def test_a_file_saved_without_root_does_not_load_into_the_bare_body(tmp_path):
+    wrapped = Wrapper(adapted("vefa"))
+    featadapt.save_adapters(wrapped, tmp_path)
+    with pytest.raises(ValueError, match="module 'body.0'.*does not have.*root="):
+        featadapt.load_adapters(mlp(), tmp_path)
+
+
+def test_root_must_hold_every_adapter(tmp_path):
+    wrapped = Wrapper(adapted("lora"))
+    featadapt.inject(wrapped, "vefa", ["head"])
+    with pytest.raises(ValueError, match="root leaves out the adapters head"):
+        featadapt.save_adapters(wrapped, tmp_path, root=wrapped.body)
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_bad_roots_are_named(tmp_path):
+    wrapped = Wrapper(adapted("lora"))
+    with pytest.raises(ValueError, match="root='encoder' names no submodule"):
+        featadapt.save_adapters(wrapped, tmp_path, root="encoder")
+    with pytest.raises(ValueError, match="root must be the model or one of its submodules"):
+        featadapt.save_adapters(wrapped, tmp_path, root=mlp())
+    with pytest.raises(TypeError, match="root must be None, a submodule name or an nn.Module, got int"):
+        featadapt.load_adapters(wrapped, tmp_path, root=3)

@@ -30,9 +30,11 @@ INTEGRATION_BLOCKS = {
     "gpt2-conv1d": 'featadapt.save_adapters(model, "gpt2-lorfa")',
     "trainer": "Trainer(model=model, args=args, train_dataset=train_set).train()",
     "many-adapters": "scale = 1 + 0.1 * torch.randn(100, 32)",
+    "trainer-intruders": "watch = IntruderDimensionsCallback(trainer, every=4)",
 }
-# The blocks with tests of their own: the usage example, the signatures, the quantized base.
-OTHER_BLOCKS = 3
+# The blocks with tests of their own: the usage example, the signatures, the
+# quantized base, and the demo's files in the stock models (run by tests/test_demo.py).
+OTHER_BLOCKS = 4
 
 
 def block_with(marker):

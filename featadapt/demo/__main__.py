@@ -1,8 +1,11 @@
 """python -m featadapt.demo: fine-tune MiniLM-L6 on Rotten Tomatoes with LoRA, LoRFA, VeFA and
-full fine-tuning, and measure what each forgets (WordSim353) and how it changes the weights."""
+full fine-tuning, and measure what each forgets (WordSim353) and how it changes the weights.
+--experiment sequential adapts to Rotten Tomatoes, then to convention speeches; --lr-sweep runs
+each method at several learning rates."""
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 
@@ -12,6 +15,20 @@ PRESETS = {
     "quick": (480, 400, 2),
     "default": (2000, 1000, 2),
 }
+# The other experiments' sizes, per mode. Their defaults are the documented runs
+# (docs/demo/): smaller than the default experiment's, so that 3 seeds of the sequential
+# experiment and the 12 runs of the sweep fit a shared 2-core CPU in well under an hour.
+SEQUENTIAL_PRESETS = {
+    "quick": {"a_train_size": 96, "a_test_size": 96, "b_train_size": 96, "b_test_size": 96, "epochs": 1,
+              "batch_size": 16, "max_length": 48, "watch_every": 2},
+    "default": {"a_train_size": 256, "a_test_size": 128, "b_train_size": 256, "b_test_size": 128, "epochs": 1,
+                "batch_size": 16, "max_length": 32, "watch_every": 8},
+}
+SWEEP_PRESETS = {
+    "quick": {"train_size": 96, "test_size": 96, "epochs": 1, "batch_size": 16, "max_length": 48},
+    "default": {"train_size": 256, "test_size": 256, "epochs": 1, "batch_size": 16, "max_length": 48},
+}
+EXPERIMENTS = ("default", "sequential", "lr-sweep")
 METHOD_NAMES = ("lora", "lorfa", "vefa", "full")
 # The Python packages the demo's code needs (the data packages are checked later, with their files).
 CODE_DEPENDENCIES = {"transformers": "transformers", "tqdm": "tqdm", "matplotlib": "matplotlib"}
@@ -19,6 +36,10 @@ CODE_DEPENDENCIES = {"transformers": "transformers", "tqdm": "tqdm", "matplotlib
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m featadapt.demo", description=__doc__)
+    parser.add_argument("--experiment", choices=EXPERIMENTS, default="default",
+                        help="default: one task; sequential: task A (reviews) then task B (convention speeches); "
+                             "lr-sweep: each method at several learning rates")
+    parser.add_argument("--lr-sweep", action="store_true", help="the same as --experiment lr-sweep")
     parser.add_argument("--quick", action="store_true", help="a smaller run (< 3 minutes on a 2-core CPU)")
     parser.add_argument("--seeds", type=int, default=1, help="repeat over N seeds and report mean ± std (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
@@ -33,10 +54,24 @@ def parse_args(argv):
     sizes.add_argument("--train-size", type=int)
     sizes.add_argument("--test-size", type=int)
     sizes.add_argument("--epochs", type=int)
-    sizes.add_argument("--batch-size", type=int, default=32)
-    sizes.add_argument("--max-length", type=int, default=64, help="tokens per review (default 64)")
+    sizes.add_argument("--batch-size", type=int, help="default 32 (sequential, lr-sweep: 16)")
+    sizes.add_argument("--max-length", type=int, help="tokens per text (default 64; sequential, lr-sweep: 48)")
     sizes.add_argument("--wordsim-pairs", type=int, help="use only the first N WordSim353 pairs")
+    sequential = parser.add_argument_group("the sequential experiment (--train-size/--test-size: task A)")
+    sequential.add_argument("--b-train-size", type=int, help="task B training examples")
+    sequential.add_argument("--b-test-size", type=int, help="task B test examples")
+    sequential.add_argument("--analogy-questions", type=int, help="use only the first N single-token analogy questions")
+    sequential.add_argument("--watch-every", type=int, help="measure intruder dimensions every N steps")
+    sequential.add_argument("--merge-seeds", nargs="+", metavar="DIR",
+                            help="merge the sequential.json of runs with different seeds (run side by side, each "
+                                 "--seeds 1) into --output-dir, instead of running")
     args = parser.parse_args(argv)
+    if args.merge_seeds and args.experiment != "sequential":
+        parser.error("--merge-seeds merges runs of --experiment sequential")
+    if args.lr_sweep:
+        if args.experiment not in ("default", "lr-sweep"):
+            parser.error("--lr-sweep is an experiment of its own; leave out --experiment")
+        args.experiment = "lr-sweep"
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHOD_NAMES))
@@ -45,7 +80,8 @@ def parse_args(argv):
     args.methods = [m for m in methods if not (args.no_full and m == "full")]
     if not args.methods:
         parser.error("no method left to run")
-    for name in ("seeds", "train_size", "test_size", "epochs", "batch_size", "max_length", "wordsim_pairs", "threads"):
+    for name in ("seeds", "train_size", "test_size", "epochs", "batch_size", "max_length", "wordsim_pairs", "threads",
+                 "b_train_size", "b_test_size", "analogy_questions", "watch_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -65,28 +101,64 @@ def main(argv=None):
     args = parse_args(argv)
     check_code_dependencies()
     from .data import MissingDataError
-    from .report import format_table
-    from .run import DemoConfig, run_demo
 
-    train_size, test_size, epochs = PRESETS["quick" if args.quick else "default"]
-    config = DemoConfig(
-        train_size=args.train_size or train_size, test_size=args.test_size or test_size, epochs=args.epochs or epochs,
-        batch_size=args.batch_size, max_length=args.max_length, wordsim_pairs=args.wordsim_pairs,
-        methods=args.methods, seeds=args.seeds, seed=args.seed, model=args.model, device=args.device,
-        threads=args.threads, output_dir=args.output_dir,
-    )
+    run, format_table = experiment(args)
     started = time.perf_counter()
     try:
-        results = run_demo(config)
+        results = run()
     except MissingDataError as error:
         raise SystemExit(f"featadapt demo: {error}") from None
     print()
     print(format_table(results))
     files = results["files"]
-    print(f"\nwrote {files['results']}, {', '.join(files['plots'])} and the adapters in "
-          f"{', '.join(files['adapters'].values()) or '(none)'}")
+    adapters = files.get("adapters")
+    print(f"\nwrote {files['results']}, {', '.join(files['plots'])}"
+          + (f" and the adapters in {', '.join(adapters.values()) or '(none)'}" if adapters is not None else ""))
     print(f"total wall time: {time.perf_counter() - started:.0f} s")
     return results
+
+
+def _given(args, names):
+    """The size options given on the command line (None: the preset's value stays)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def experiment(args):
+    """(a function that runs the chosen experiment, the function that formats its table)."""
+    mode = "quick" if args.quick else "default"
+    common = {"wordsim_pairs": args.wordsim_pairs, "methods": args.methods, "seed": args.seed, "model": args.model,
+              "device": args.device, "threads": args.threads, "output_dir": args.output_dir}
+    if args.experiment == "sequential":
+        from .sequential import SequentialConfig, merge_seed_results, run_sequential
+        from .sequential_report import format_table
+
+        if args.merge_seeds:
+            from pathlib import Path
+
+            parts = [json.loads(Path(directory, "sequential.json").read_text()) for directory in args.merge_seeds]
+            return (lambda: merge_seed_results(parts, args.output_dir)), format_table
+
+        sizes = {**SEQUENTIAL_PRESETS[mode], **_given(args, ("epochs", "batch_size", "max_length", "b_train_size",
+                                                              "b_test_size", "watch_every"))}
+        sizes.update({key: value for key, value in (("a_train_size", args.train_size), ("a_test_size", args.test_size))
+                      if value is not None})
+        config = SequentialConfig(**sizes, **common, seeds=args.seeds, analogy_questions=args.analogy_questions)
+        return (lambda: run_sequential(config)), format_table
+    if args.experiment == "lr-sweep":
+        from .sweep import SweepConfig, format_table, run_lr_sweep
+
+        sizes = {**SWEEP_PRESETS[mode], **_given(args, ("train_size", "test_size", "epochs", "batch_size",
+                                                         "max_length"))}
+        return (lambda: run_lr_sweep(SweepConfig(**sizes, **common))), format_table
+    from .report import format_table
+    from .run import DemoConfig, run_demo
+
+    train_size, test_size, epochs = PRESETS[mode]
+    config = DemoConfig(
+        train_size=args.train_size or train_size, test_size=args.test_size or test_size, epochs=args.epochs or epochs,
+        batch_size=args.batch_size or 32, max_length=args.max_length or 64, seeds=args.seeds, **common,
+    )
+    return (lambda: run_demo(config)), format_table
 
 
 if __name__ == "__main__":

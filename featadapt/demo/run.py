@@ -59,8 +59,15 @@ def setup_device(config):
 
 
 def save_method_files(model, directory):
-    """The adapters (featadapt.save_adapters) and, beside them, the new head they were trained with."""
-    featadapt.save_adapters(model, directory)
+    """The adapters (featadapt.save_adapters) and, beside them, the new head they were trained with.
+
+    The adapters are saved relative to the encoder (root=), so their names are the
+    pretrained model's own ("encoder.layer.0.attention.self.query"): they load into
+    transformers' AutoModel as the model package ships it, or into the encoder inside
+    AutoModelForSequenceClassification (its .bert) with root=. The head reads the
+    mean of the token embeddings (data.mean_pool), not BERT's pooler.
+    """
+    featadapt.save_adapters(model, directory, root=model.encoder)
     head = {name: param.detach().cpu().contiguous() for name, param in model.head.state_dict().items()}
     write_atomically(os.path.join(directory, "head.safetensors"), lambda tmp: save_file(head, tmp))
 
@@ -116,17 +123,33 @@ def describe_run(config):
     }
 
 
-def run_demo(config, log=print):
-    """Run every method for every seed; write results.json, plots and adapters; return the results."""
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class Setup:
+    """What every experiment starts from."""
+    device: torch.device
+    output_dir: Path
+    tokenizer: object
+    encoder: torch.nn.Module  # the pretrained encoder, on the device; each run copies it
+    settings: TrainSettings
+    pairs: list  # the WordSim353 pairs the probe uses
+
+
+def prepare(config):
     device = setup_device(config)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    split = load_reviews(config.train_size, config.test_size, seed=SPLIT_SEED)
-    pairs = read_wordsim()[:config.wordsim_pairs]
     tokenizer, encoder = load_encoder(config.model)
-    encoder.to(device)
     settings = TrainSettings(config.epochs, config.batch_size, config.max_length)
+    return Setup(device, output_dir, tokenizer, encoder.to(device), settings, read_wordsim()[:config.wordsim_pairs])
+
+
+def run_demo(config, log=print):
+    """Run every method for every seed; write results.json, plots and adapters; return the results."""
+    started = time.perf_counter()
+    setup = prepare(config)
+    device, output_dir, tokenizer, encoder, settings, pairs = (
+        setup.device, setup.output_dir, setup.tokenizer, setup.encoder, setup.settings, setup.pairs)
+    split = load_reviews(config.train_size, config.test_size, seed=SPLIT_SEED)
     pretrained = SentenceClassifier(encoder).to(device)  # its head is unused by the probe; counted in the table
     wordsim_pretrained = wordsim_spearman(pretrained, tokenizer, pairs, device)
     log(f"pretrained WordSim353 Spearman: {wordsim_pretrained:.3f}")

@@ -103,15 +103,19 @@ def _peak_memory(device):
     return None  # CPU: no per-run allocator peak to read that would be honest
 
 
-def train(model, tokenizer, examples, method, settings, device, seed, desc=""):
-    """Fine-tune in place; returns TrainStats (time counts training steps only)."""
+def train(model, tokenizer, examples, method, settings, device, seed, desc="", on_step=None):
+    """Fine-tune in place; returns TrainStats (time counts training steps only).
+
+    on_step(step), when given, is called after each optimizer step (step = 1, 2, ...),
+    outside the timed part: the intruder watch runs there and times itself.
+    """
     steps_per_epoch = -(-len(examples) // settings.batch_size)
     total_steps = settings.epochs * steps_per_epoch
     optimizer, schedule = make_optimizer(model, method, total_steps)
     rng = random.Random(seed)
     model.train()
     _reset_peak_memory(device)
-    seen, seconds, last_loss = 0, 0.0, float("nan")
+    step, seen, seconds, last_loss = 0, 0, 0.0, float("nan")
     with tqdm(total=total_steps, desc=f"train {desc}", unit="step", leave=False) as bar:
         for _ in range(settings.epochs):
             for texts, labels in batches(examples, settings.batch_size, rng):
@@ -125,10 +129,13 @@ def train(model, tokenizer, examples, method, settings, device, seed, desc=""):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds += time.perf_counter() - start
+                step += 1
                 seen += len(texts)
                 last_loss = loss.item()
                 bar.set_postfix(loss=f"{last_loss:.3f}")
                 bar.update()
+                if on_step is not None:
+                    on_step(step)
     model.eval()
     return TrainStats(total_steps, seconds, seen / seconds, _peak_memory(device), last_loss)
 
