@@ -81,8 +81,13 @@ def test_pruning_rule_drops_what_cannot_fit_and_keeps_a_config():
         assert kept and all(c in tiles for c in kept)
         fixed = configs.fixed_config("scaled_gemm_forward", tiles, {"INPUT_PRECISION": "ieee"}, dtype, 80)
         assert fixed in kept
-        assert configs.shared_memory_estimate("scaled_gemm_forward", fixed.kwargs, fixed.num_stages, 4) == min(
-            configs.shared_memory_estimate("scaled_gemm_forward", c.kwargs, c.num_stages, 4) for c in kept)
+        registers = [configs.tile_registers("scaled_gemm_forward", {**c.kwargs, "INPUT_PRECISION": "ieee"},
+                                            c.num_warps) for c in kept]
+        assert configs.tile_registers("scaled_gemm_forward", {**fixed.kwargs, "INPUT_PRECISION": "ieee"},
+                                      fixed.num_warps) == min(registers)
+    # the backward's dscale epilogue holds an x tile beside the accumulator
+    assert configs.tile_registers("scaled_gemm_backward", {**big, "WRITE_DSCALE": True}, 8) == \
+        2 * configs.tile_registers("scaled_gemm_backward", big, 8)
 
 
 def run_aot(*arguments, env_extra=None, timeout=1500):

@@ -15,7 +15,8 @@ ops, buffers and autotuning.
 On CUDA the tile sizes are autotuned per (M bucket, N, K, dtypes), over the
 configurations the pruning rule (jit/configs.py) keeps for the device;
 FEATADAPT_AUTOTUNE=0 launches the rule's fixed configuration instead, with
-no benchmarking (the GPU tests). Under TRITON_INTERPRET=1 (CPU tensors, for the
+no benchmarking (the GPU tests); FEATADAPT_AUTOTUNE_CONFIGS=N tunes over the
+first N kept ones only (tools/gpu-check.sh, to bound compile time). Under TRITON_INTERPRET=1 (CPU tensors, for the
 tests) the kernels run with a single small configuration. Whether the
 kernels are interpreted is decided when this package is imported: set the
 variable before importing featadapt.
@@ -43,12 +44,24 @@ from .jit.specs import SHORT_NAMES
 from .jit.tiles import accumulate_dot, grouped_tile, output_tile  # noqa: F401
 
 AUTOTUNE_ENV = "FEATADAPT_AUTOTUNE"
+AUTOTUNE_LIMIT_ENV = "FEATADAPT_AUTOTUNE_CONFIGS"
 
 
 def autotune_enabled():
     """False when FEATADAPT_AUTOTUNE=0: each kernel runs the pruning rule's fixed
     configuration (jit/configs.py), without benchmarking (read at every launch)."""
     return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def autotune_limit():
+    """FEATADAPT_AUTOTUNE_CONFIGS=N: tune over at most the first N kept
+    configurations (in the order of preference), to bound compile time."""
+    value = os.environ.get(AUTOTUNE_LIMIT_ENV, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{AUTOTUNE_LIMIT_ENV} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def unit_stride(*vectors):
@@ -96,7 +109,8 @@ class TunedKernel:
             configs = prune_for_few_tokens(configs, args)
         operand = args[self.operand]
         dtype = SHORT_NAMES[str(operand.dtype).removeprefix("torch.")]
-        return usable_configs(self.name, configs, args, dtype, compute_capability(operand.device))
+        kept = usable_configs(self.name, configs, args, dtype, compute_capability(operand.device))
+        return kept[:autotune_limit()]
 
     def fixed(self, args):
         """The configuration for these arguments with autotuning off."""
@@ -110,4 +124,6 @@ class TunedKernel:
         if autotune_enabled():
             wrap_triton(self.autotuner)[grid](**args)
         else:
-            wrap_triton(self.kernel)[grid](**args, **self.fixed(args).all_kwargs())
+            config = self.fixed(args)
+            wrap_triton(self.kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
+                                          num_stages=config.num_stages)

@@ -14,8 +14,9 @@ The pruning rule (`prune_reasons`) drops a configuration for a target when
     C7515, and register-starved code, C7511/C7512) past it. Spilled
     registers go to local memory, which takes bandwidth the tiles need.
 With autotuning off, a kernel runs `fixed_config`: of the configurations the
-rule keeps, the one with the least shared memory, which runs on every target
-and compiles fastest (CI compiles exactly it, for every case).
+rule keeps, the one with the fewest registers in tiles and then the least
+shared memory, far from every limit and the fastest to compile (CI compiles
+exactly it, for every case).
 The ahead-of-time sweep (tools/triton_aot.py) measures both for every
 configuration; its report says where the rule and the measurement disagree.
 """
@@ -158,22 +159,27 @@ def prune_for_few_tokens(configs, named_args, **kwargs):
 
 def staged_tiles(kernel_name, meta):
     """(rows, cols) of every operand tile the kernel's pipelined loop stages in
-    shared memory, and the number of float32 accumulator tiles it keeps in
-    registers, from its constexprs `meta` (config and launch-shape ones)."""
+    shared memory, and of the float32 tiles it holds in registers (its
+    accumulators, and tiles its epilogue loads), from its constexprs `meta`
+    (configuration and launch-shape ones)."""
     bm = meta["BLOCK_M"]
     if kernel_name == "low_rank_dy_grads":
         bn, br = meta["BLOCK_N"], meta["BLOCK_R"]
         return [(bm, bn), (bm, br)], [(bn, br), (bm, br)]
     bc, bd = meta["BLOCK_C"], meta["BLOCK_D"]
-    accumulators = [(bm, bc)]
+    registers = [(bm, bc)]
     if meta.get("HAS_DROPOUT"):
-        accumulators.append((bm, bc))  # the low-rank part has its own until the keep mask scales it
-    return [(bm, bd), (bd, bc)], accumulators
+        registers.append((bm, bc))  # the low-rank part has its own until the keep mask scales it
+    if meta.get("WRITE_DSCALE"):
+        registers.append((bm, bc))  # the x tile that ds = Σ x ⊙ g multiplies
+    return [(bm, bd), (bd, bc)], registers
 
 
 def shared_memory_estimate(kernel_name, meta, num_stages, element_bytes):
     """Bytes of shared memory: num_stages copies of the staged operand tiles,
-    or the float32 accumulator tile when the epilogue's layout change needs more."""
+    or a float32 register tile when the epilogue's layout change needs more.
+    Never below what triton allocates (it keeps num_stages - 1 copies in some
+    pipelines, num_stages in others), so the rule never keeps what cannot fit."""
     operands, accumulators = staged_tiles(kernel_name, meta)
     staged = num_stages * sum(r * c for r, c in operands) * element_bytes
     epilogue = max(r * c for r, c in accumulators) * 4
@@ -218,8 +224,13 @@ def usable_configs(kernel_name, configs, fixed_meta, dtype, arch):
 
 def fixed_config(kernel_name, configs, fixed_meta, dtype, arch):
     """The configuration a kernel runs with autotuning off: of those the rule
-    keeps, the one with the least shared memory (the first such)."""
+    keeps, the one with the fewest registers in tiles, then the least shared
+    memory (the first such): far from every limit, and the fastest to compile."""
     element_bytes = ELEMENT_BYTES[dtype]
-    return min(usable_configs(kernel_name, configs, fixed_meta, dtype, arch),
-               key=lambda c: shared_memory_estimate(kernel_name, {**fixed_meta, **c.kwargs}, c.num_stages,
-                                                    element_bytes))
+
+    def cost(c):
+        meta = {**fixed_meta, **c.kwargs}
+        return (tile_registers(kernel_name, meta, c.num_warps),
+                shared_memory_estimate(kernel_name, meta, c.num_stages, element_bytes))
+
+    return min(usable_configs(kernel_name, configs, fixed_meta, dtype, arch), key=cost)
