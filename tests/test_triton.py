@@ -405,7 +405,7 @@ def test_gpu_autotuner_benchmarks_the_kept_configurations(monkeypatch, method):
         assert chosen in kernel.configs
 
 
-@runs_here
+@gpu
 def test_autotuning_off_runs_the_fixed_configuration(monkeypatch):
     """FEATADAPT_AUTOTUNE=0 (the tests' default) launches the kernel itself with
     one configuration, so nothing is benchmarked and no autotuner cache fills."""
@@ -414,6 +414,8 @@ def test_autotuning_off_runs_the_fixed_configuration(monkeypatch):
     monkeypatch.setenv(kernels.AUTOTUNE_ENV, "0")
     assert not kernels.autotune_enabled()
     before = len(scaled_gemm._forward.autotuner.cache)
-    check_against_float64_reference("vefa", "triton", Case((33,), 48, 40).inputs("vefa", torch.float32, None,
-                                                                                 device=DEVICE))
+    t = Case((33,), 48, 40).inputs("vefa", torch.float32, None, device=DEVICE)
+    check_against_float64_reference("vefa", "triton", t)
     assert len(scaled_gemm._forward.autotuner.cache) == before
+    fixed = scaled_gemm._forward.fixed({"x_ptr": t["x"], "INPUT_PRECISION": "ieee"})
+    assert fixed in scaled_gemm._forward.configs

@@ -304,10 +304,14 @@ def run(mode, archs, jobs_count, kernels=None, progress=None, checkpoint=None):
 def summary(records, skipped):
     """Per kernel and arch: compiles, errors, the largest registers, spills and shared memory."""
     rows = {}
+
+    def row_of(record):
+        return rows.setdefault((record["kernel"], record["arch"]), {
+            "compiles": 0, "errors": 0, "registers": 0, "spill_store_bytes": 0, "shared_bytes": 0,
+            "warnings": set(), "pruned": 0})
+
     for r in records:
-        row = rows.setdefault((r["kernel"], r["arch"]), {"compiles": 0, "errors": 0, "registers": 0,
-                                                       "spill_store_bytes": 0, "shared_bytes": 0,
-                                                       "warnings": set(), "pruned": 0})
+        row = row_of(r)
         row["compiles"] += 1
         if "error" in r:
             row["errors"] += 1
@@ -316,9 +320,7 @@ def summary(records, skipped):
             row[key] = max(row[key], r[key] or 0)
         row["warnings"] |= set(r["ptxas_warnings"])
     for r in skipped:
-        rows.setdefault((r["kernel"], r["arch"]), {"compiles": 0, "errors": 0, "registers": 0,
-                                                   "spill_store_bytes": 0, "shared_bytes": 0,
-                                                   "warnings": set(), "pruned": 0})["pruned"] += 1
+        row_of(r)["pruned"] += 1
     lines = ["| kernel | arch | compiles | errors | max registers | max spill stores (B) | max shared (B) "
              "| ptxas warnings | pruned, not compiled |", "|---|---|---|---|---|---|---|---|---|"]
     for (kernel, arch), row in sorted(rows.items()):

@@ -121,7 +121,9 @@ class TunedKernel:
         return fixed_config(self.name, self.configs, args, dtype, compute_capability(operand.device))
 
     def launch(self, grid, args):
-        if autotune_enabled():
+        # (the interpreter's autotuner holds one configuration and benchmarks
+        # nothing; torch before 2.12 cannot wrap an interpreted kernel itself)
+        if INTERPRET or autotune_enabled():
             wrap_triton(self.autotuner)[grid](**args)
         else:
             config = self.fixed(args)
