@@ -85,6 +85,12 @@ def test_pruning_rule_drops_what_cannot_fit_and_keeps_a_config():
                                             c.num_warps) for c in kept]
         assert configs.tile_registers("scaled_gemm_forward", {**fixed.kwargs, "INPUT_PRECISION": "ieee"},
                                       fixed.num_warps) == min(registers)
+    # low_rank_dy_grads, bf16, r = 64, BLOCK_M=128 w8 s4: the triton 3.6 sweep measured
+    # 245760 bytes on sm_90, over its 232448: the estimate must see it (it once missed
+    # the resident Cγ tile and the du layout conversion)
+    dy_grads = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 64}
+    assert configs.shared_memory_estimate("low_rank_dy_grads", dy_grads, 4, 2) >= 245760
+    assert configs.prune_reasons("low_rank_dy_grads", dy_grads, 8, 4, "bf16", 90)
     # the backward's dscale epilogue holds an x tile beside the accumulator
     assert configs.tile_registers("scaled_gemm_backward", {**big, "WRITE_DSCALE": True}, 8) == \
         2 * configs.tile_registers("scaled_gemm_backward", big, 8)
