@@ -91,6 +91,11 @@ def test_pruning_rule_drops_what_cannot_fit_and_keeps_a_config():
     dy_grads = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 64}
     assert configs.shared_memory_estimate("low_rank_dy_grads", dy_grads, 4, 2) >= 245760
     assert configs.prune_reasons("low_rank_dy_grads", dy_grads, 8, 4, "bf16", 90)
+    # low_rank_gemm_forward, fp32, r = 16, 128×128×32 w4 s4: measured 196608 bytes on sm_80
+    # (both loops' tiles are pipelined), over its 166912
+    low_rank = {"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_D": 32, "BLOCK_R": 16, "INPUT_PRECISION": "tf32"}
+    assert configs.shared_memory_estimate("low_rank_gemm_forward", low_rank, 4, 4) >= 196608
+    assert configs.prune_reasons("low_rank_gemm_forward", low_rank, 4, 4, "fp32", 80)
     # the backward's dscale epilogue holds an x tile beside the accumulator
     assert configs.tile_registers("scaled_gemm_backward", {**big, "WRITE_DSCALE": True}, 8) == \
         2 * configs.tile_registers("scaled_gemm_backward", big, 8)

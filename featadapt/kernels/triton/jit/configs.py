@@ -167,12 +167,15 @@ def staged_tiles(kernel_name, meta):
         bn, br = meta["BLOCK_N"], meta["BLOCK_R"]
         return [(bm, bn), (bm, br)], [(bn, br), (bm, br)]
     bc, bd = meta["BLOCK_C"], meta["BLOCK_D"]
+    operands = [(bm, bd), (bd, bc)]
+    if "BLOCK_R" in meta:  # the low-rank loop pipelines its own u (or du) and Cγ (or A) tiles
+        operands += [(bm, meta["BLOCK_R"]), (meta["BLOCK_R"], bc)]
     registers = [(bm, bc)]
     if meta.get("HAS_DROPOUT"):
         registers.append((bm, bc))  # the low-rank part has its own until the keep mask scales it
     if meta.get("WRITE_DSCALE"):
         registers.append((bm, bc))  # the x tile that ds = Σ x ⊙ g multiplies
-    return [(bm, bd), (bd, bc)], registers
+    return operands, registers
 
 
 def resident_shared_bytes(kernel_name, meta, element_bytes):
