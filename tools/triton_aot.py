@@ -104,7 +104,7 @@ def specialize(kernel, args):
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_PTXAS_WARNING = re.compile(r"ptxas warning\s*:\s*\((C\d+)\)")
+_PTXAS_WARNING = re.compile(r"ptxas (?:info|warning)\s*:\s*\((C\d+)\)")  # e.g. (C7515) wgmma serialised
 
 
 def parse_ptxas_log(log):
