@@ -20,7 +20,8 @@ export CUDA_HOME
 CUDA_ARCHS ?= 9.0
 DATA_STAMP := $(VENV)/.featadapt-demo-data
 
-.PHONY: test demo bench plot pins gpu-check gpu-test gpu-sanitize gpu-bench cmake-build setup clean
+.PHONY: test demo bench plot pins gpu-check gpu-test gpu-sanitize gpu-bench cmake-build setup clean \
+	triton-sweep cuda-resources
 
 test: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -41,10 +42,30 @@ plot: $(STAMP)
 	tools/install-env.sh $(PY) bench
 	for f in benchmarks/results/*.json; do $(PY) benchmarks/plot.py $$f; done
 
-# On a machine with a GPU: the gpu tests, compute-sanitizer over the cuda
-# backend's, then the GPU benchmark set (separate targets, so that each fits
-# one device command's time limit).
-gpu-check: gpu-test gpu-sanitize gpu-bench
+# On a machine with a GPU, one command that fits one device command (≤ 8 min
+# on an H200): build, gpu tests, headline benchmarks, compute-sanitizer, the
+# other benchmarks, each stage capped; results into RESULTS (tools/gpu-check.sh).
+# GPU_CHECK_ARGS=--dry-run runs it here, skipping what needs the GPU.
+RESULTS ?= gpu-results
+gpu-check:
+	PY=$(PY) PYTHON=$(PYTHON) tools/gpu-check.sh $(GPU_CHECK_ARGS) $(RESULTS)
+
+# Every Triton kernel in every autotune configuration the pruning rule keeps,
+# compiled for sm_90 and sm_80 under this triton and under the GPU machine's
+# (TRITON_GPU_VERSION, into a throwaway folder): the resource reports in
+# benchmarks/results/. Run when kernels change; hours on 2 cores.
+TRITON_GPU_VERSION ?= 3.6.0
+TRITON_SWEEP_DIR ?= build/triton-$(TRITON_GPU_VERSION)
+triton-sweep: $(STAMP)
+	$(PY) tools/triton_aot.py sweep --report benchmarks/results/triton-resources-triton$$($(PY) -c "import triton; print(triton.__version__)").json
+	test -d $(TRITON_SWEEP_DIR)/triton || $(PY) -m pip install --no-deps --target $(TRITON_SWEEP_DIR) triton==$(TRITON_GPU_VERSION)
+	PYTHONPATH=$(TRITON_SWEEP_DIR) $(PY) tools/triton_aot.py check
+	PYTHONPATH=$(TRITON_SWEEP_DIR) $(PY) tools/triton_aot.py sweep --report benchmarks/results/triton-resources-triton$(TRITON_GPU_VERSION).json
+
+# The CUDA extension's registers, stack, shared and local memory per kernel,
+# read from the built featadapt._C (tests/test_aot_cuda.py checks against it).
+cuda-resources: $(STAMP)
+	$(PY) tools/cuda_resources.py write
 
 # GPU_TESTS narrows the run when one device command cannot hold it all,
 # e.g. make gpu-test GPU_TESTS=tests/test_cuda.py

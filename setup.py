@@ -11,6 +11,9 @@ Environment:
                               newest, so newer GPUs can JIT-compile it); 8.0 or newer
   FEATADAPT_SKIP_CUDA_BUILD=1 build the pure-Python package even with a toolkit
   FEATADAPT_DEBUG=1           device debug info (-G) and no optimisation
+  FEATADAPT_PTXAS_VERBOSE=1   ptxas prints each kernel's registers, spills, stack and shared
+                              memory (-Xptxas -v); tools/cuda_resources.py reads the same
+                              numbers back from the built extension
   MAX_JOBS                    parallel compile jobs (torch's ninja build reads it)
   CUDA_HOME                   the toolkit; torch's guess from nvcc's location can be wrong
 """
@@ -88,6 +91,8 @@ def extension_modules():
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # (The C++ standard is torch's choice: its headers need their own.)
     nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["--expt-relaxed-constexpr", *gencode_flags(archs)]
+    if os.environ.get("FEATADAPT_PTXAS_VERBOSE", "0") == "1":
+        nvcc += ["-Xptxas", "-v"]
     return [
         CUDAExtension(
             name="featadapt._C",

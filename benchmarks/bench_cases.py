@@ -91,6 +91,20 @@ BENCH_SETS = {
     ),
 }
 
+# tools/gpu-check.sh runs the gpu set in two parts, so that the headline
+# (every method and backend against the floor and the PEFT peers, bf16 and
+# fp16 at 8192x4096x4096, r = 16) is measured first and cannot be starved.
+_HEADLINE = ((Shape(8192, 4096, 4096), torch.bfloat16), (Shape(8192, 4096, 4096), torch.float16))
+BENCH_SETS["gpu-headline"] = BenchSet(
+    cases=_HEADLINE, rank=16, rank_sweep=(), sweep_dtype=torch.bfloat16, compile_dtypes=(),
+    seconds_per_case=0.3, min_rounds=10, max_rounds=100, end_to_end=(),
+)
+BENCH_SETS["gpu-rest"] = BenchSet(
+    cases=tuple(c for c in BENCH_SETS["gpu"].cases if c not in _HEADLINE),
+    rank=16, rank_sweep=(8, 16, 64), sweep_dtype=torch.bfloat16, compile_dtypes=(torch.bfloat16,),
+    seconds_per_case=0.2, min_rounds=10, max_rounds=50, end_to_end=("bert-base", "gpt2-medium-size"),
+)
+
 
 def default_set_name():
     if torch.cuda.is_available():

@@ -381,3 +381,42 @@ def test_gpu_auto_picks_triton(monkeypatch, method, dtype):
 @pytest.mark.parametrize("method", METHODS)
 def test_strided_parameter_vectors(method):
     check_against_float64_reference(method, "triton", strided_parameter_inputs(method, DEVICE))
+
+
+# -- autotuning on and off -------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_autotuner_benchmarks_the_kept_configurations(monkeypatch, method):
+    """The rest of the suite runs with autotuning off (conftest.py); here it is on:
+    each kernel benchmarks the configurations the pruning rule keeps for the
+    device, caches its choice, and the result still matches the reference."""
+    from featadapt.kernels.triton import low_rank_gemm, scaled_gemm
+
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "1")
+    tuned = [scaled_gemm._forward, scaled_gemm._backward] if method == "vefa" else \
+        [low_rank_gemm._forward, low_rank_gemm._dx, low_rank_gemm._dy_grads]
+    before = [len(k.autotuner.cache) for k in tuned]
+    case = Case((640,), 384, 320, r=16)  # a shape no other test uses: a new autotuning key
+    check_against_float64_reference(method, "triton", case.inputs(method, torch.float16, None, device=DEVICE))
+    for kernel, count in zip(tuned, before):
+        assert len(kernel.autotuner.cache) > count, kernel.name
+        chosen = next(reversed(kernel.autotuner.cache.values()))
+        assert chosen in kernel.configs
+
+
+@gpu
+def test_autotuning_off_runs_the_fixed_configuration(monkeypatch):
+    """FEATADAPT_AUTOTUNE=0 (the tests' default) launches the kernel itself with
+    one configuration, so nothing is benchmarked and no autotuner cache fills."""
+    from featadapt.kernels.triton import scaled_gemm
+
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "0")
+    assert not kernels.autotune_enabled()
+    before = len(scaled_gemm._forward.autotuner.cache)
+    t = Case((33,), 48, 40).inputs("vefa", torch.float32, None, device=DEVICE)
+    check_against_float64_reference("vefa", "triton", t)
+    assert len(scaled_gemm._forward.autotuner.cache) == before
+    fixed = scaled_gemm._forward.fixed({"x_ptr": t["x"], "INPUT_PRECISION": "ieee"})
+    assert fixed in scaled_gemm._forward.configs

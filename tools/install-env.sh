@@ -20,23 +20,23 @@ what=$2
 pins=requirements/constraints.txt
 pinned=("$py" -m pip install -c "$pins")
 
+# Without a usable setuptools (missing, or too old for editable installs) the
+# package cannot be installed at all offline: then the extension is built in
+# place where setuptools can build it, and the tree goes on sys.path (.pth).
+in_tree_install() {
+    echo "featadapt set-up: the editable install failed (setuptools missing or older than 70.1?);" \
+         "putting the tree on sys.path instead" >&2
+    if [[ "${FEATADAPT_SKIP_CUDA_BUILD:-0}" != 1 ]] && "$py" -c "import setuptools" 2>/dev/null; then
+        "$py" setup.py build_ext --inplace || echo "featadapt set-up: the CUDA extension was not built" >&2
+    fi
+    site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    echo "$PWD" >"$site/featadapt-tree.pth"
+    "$py" -c "import featadapt" # fails the set-up if even that did not work
+}
+
 offline_fallback() {
     echo "featadapt set-up: the pinned install failed (no package index reachable?);" \
          "using what is importable instead" >&2
-}
-
-# featadapt from this tree without its dependencies. An editable install needs
-# setuptools>=64 and, before 70.1, the wheel package; where neither can be had
-# offline, a .pth file puts the tree on the path and the extension is built in place.
-install_without_deps() {
-    if "$py" -m pip install --no-deps --no-build-isolation -e .; then
-        return
-    fi
-    echo "featadapt set-up: no editable install possible here; adding $(pwd) to the path instead" >&2
-    site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    echo "$(pwd)" > "$site/featadapt-source-tree.pth"
-    "$py" setup.py build_ext --inplace ||
-        echo "featadapt set-up: the CUDA extension was not built (python -m featadapt.info says why)" >&2
 }
 
 case "$what" in
@@ -49,7 +49,7 @@ package)
         "$py" tools/check_pins.py --require test
     else
         offline_fallback
-        install_without_deps
+        "$py" -m pip install --no-deps --no-build-isolation -e . || in_tree_install
         "$py" tools/check_pins.py --require test
     fi
     ;;
