@@ -173,7 +173,7 @@ def heaviest_cases(spec, cases):
     (the most code, registers and shared memory)."""
     groups = {}
     for args in cases:
-        key = (operand_dtype(spec, args), args["INPUT_PRECISION"],
+        key = (operand_dtype(spec, args), args.get("INPUT_PRECISION"),
                tuple((n, args.get(n)) for n in ("BLOCK_R", "BLOCK_N", "BLOCK_M", "HAS_DROPOUT")))
         weight = sum(v is not None for v in args.values()) + sum(v is True for v in args.values())
         if key not in groups or weight > groups[key][0]:
@@ -226,7 +226,7 @@ def case_label(spec, args):
             parts.append(f"{name}={specs.SHORT_NAMES[value.dtype.name] if value is not None else '-'}")
         elif param.is_constexpr and param.name in args and param.name != "INPUT_PRECISION":
             parts.append(f"{param.name}={int(value) if isinstance(value, bool) else value}")
-    parts.append(args["INPUT_PRECISION"])
+    parts.append(args.get("INPUT_PRECISION", "no-dot"))  # kernels without tl.dot have none
     return " ".join(parts)
 
 

@@ -89,6 +89,19 @@ def tile_configs(with_block_m=True, interpret=INTERPRET):
     return list(unique.values())
 
 
+# Two-stage tiles for a kernel that pipelines per-row operands besides x and
+# W0 (the indexed VeFA forward's gathered scale and shift): in float32 on sm_80
+# none of CUDA_TILES leaves it room.
+GATHER_CUDA_TILES = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]
+
+
+def gather_tile_configs(interpret=INTERPRET):
+    """tile_configs() and the GATHER_CUDA_TILES after them."""
+    if interpret:
+        return tile_configs(interpret=True)
+    return tile_configs(interpret=False) + [_config(*tile, GROUP_M, True) for tile in GATHER_CUDA_TILES]
+
+
 def dy_grads_configs(interpret=INTERPRET):
     """The configurations low_rank_dy_grads is tuned over."""
     if interpret:
@@ -163,6 +176,9 @@ def staged_tiles(kernel_name, meta):
     accumulators, and tiles its epilogue loads), from its constexprs `meta`
     (configuration and launch-shape ones)."""
     bm = meta["BLOCK_M"]
+    if kernel_name == "indexed_shrink":  # x and the gathered A rows, a (BLOCK_M,) float32 accumulator
+        bd = meta["BLOCK_D"]
+        return [(bm, bd), (bm, bd)], [(bm, 1)]
     if kernel_name == "low_rank_dy_grads":
         bn, br = meta["BLOCK_N"], meta["BLOCK_R"]
         return [(bm, bn), (bm, br)], [(bn, br), (bm, br)]
@@ -170,6 +186,8 @@ def staged_tiles(kernel_name, meta):
     operands = [(bm, bd), (bd, bc)]
     if "BLOCK_R" in meta:  # the low-rank loop pipelines its own u (or du) and Cγ (or A) tiles
         operands += [(bm, meta["BLOCK_R"]), (meta["BLOCK_R"], bc)]
+    if kernel_name == "indexed_vefa_forward":  # each row's gathered scale (and shift) tile is pipelined too
+        operands += [(bm, bd)] * (2 if meta.get("HAS_SHIFT") else 1)
     registers = [(bm, bc)]
     if meta.get("HAS_DROPOUT"):
         registers.append((bm, bc))  # the low-rank part has its own until the keep mask scales it

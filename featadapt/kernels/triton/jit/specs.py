@@ -19,7 +19,7 @@ PARAMETER_DTYPES = {"float32": ("float32",), "float16": ("float16", "float32"), 
 # tl.dot's float32 precision follows torch.backends.cuda.matmul.allow_tf32: both are possible.
 ALLOW_TF32 = (False, True)
 # Triton's short names, for reports and the pruning rule.
-SHORT_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "bool": "i1"}
+SHORT_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "bool": "i1", "int64": "i64"}
 
 
 class _DtypeName:

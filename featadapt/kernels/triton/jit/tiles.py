@@ -1,5 +1,6 @@
-"""Device helpers shared by the kernels: which output tile a program owns, and
-the masked, int64-offset reduction loop. Triton only (see __init__.py)."""
+"""Device helpers shared by the kernels: which output tile a program owns, the
+masked, int64-offset reduction loop, and the per-row adapter gathers of the
+indexed kernels. Triton only (see __init__.py)."""
 
 import triton
 import triton.language as tl
@@ -43,4 +44,27 @@ def accumulate_dot(acc, a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth,
         b = tl.load(b_ptr + ds[:, None] * stride_b_depth + cols[None, :] * stride_b_col,
                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+# -- many adapters in one batch (indexed.py): each row gathers its own adapter's values
+
+
+@triton.jit
+def row_adapters(ids_ptr, rows, row_ok):
+    """(adapter index clamped to >= 0 as int64, whether the row has an adapter)."""
+    ids = tl.load(ids_ptr + rows, mask=row_ok, other=-1)
+    active = (ids >= 0) & row_ok
+    return tl.where(active, ids, 0).to(tl.int64), active
+
+
+@triton.jit
+def indexed_low_rank_term(acc, u_ptr, b_ptr, rows, row_ok, gamma, adapter, active, depth, depth_ok, R,
+                   stride_um, stride_ur, stride_ba, stride_bd, stride_br):
+    """acc + γ_a Σ_j u[i, j] B[a, depth, j] for each row i (adapter a), one rank at a time."""
+    for rank in range(0, R):
+        u = tl.load(u_ptr + rows * stride_um + rank * stride_ur, mask=row_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + adapter[:, None] * stride_ba + depth[None, :] * stride_bd + rank * stride_br,
+                    mask=active[:, None] & depth_ok[None, :], other=0.0)
+        acc += (gamma * u)[:, None] * b.to(tl.float32)
     return acc
