@@ -55,7 +55,9 @@ def test_every_install_step_is_pinned():
     the torch install (or the offline --no-deps fallback)."""
     script = (ROOT / "tools" / "install-env.sh").read_text()
     makefile = (ROOT / "Makefile").read_text()
-    assert "pip install" not in makefile, "the Makefile installs through tools/install-env.sh"
+    # the Makefile's only own pip install fills a throwaway --target folder (triton for the GPU-version sweep)
+    env_installs = [line for line in makefile.splitlines() if "pip install" in line and "--target" not in line]
+    assert not env_installs, f"the Makefile installs through tools/install-env.sh: {env_installs}"
     installs = [line.strip() for line in script.splitlines() if "pip install" in line and not line.strip().startswith("#")]
     assert installs
     for line in installs:
