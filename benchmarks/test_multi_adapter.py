@@ -53,6 +53,12 @@ MULTI_SETS = {
     "gpu": MultiSet(sequences=512, tokens=64, features=4096, adapter_counts=(1, 8, 64, 512), rank=16,
                     model_width=1024, model_layers=4, rounds=20),
 }
+# Every --bench-set has an entry (tests/test_multi_adapter_bench.py checks):
+# CPUs with native bfloat16 run the CPU sizes; the GPU check's headline stage
+# is the layer benchmarks only, its other stage the GPU sizes.
+MULTI_SETS["cpu-bf16"] = MULTI_SETS["cpu"]
+MULTI_SETS["gpu-headline"] = None
+MULTI_SETS["gpu-rest"] = MULTI_SETS["gpu"]
 
 LAYER_VARIANTS = ("floor", "vefa/single", "vefa/batched", "lora/batched", "lorfa/batched", "peft-lora/mixed",
                   "vefa/loop", "lora/loop", "lorfa/loop")
@@ -66,7 +72,8 @@ def multi_set(config):
 
 def generate_cases(metafunc, bench_set):
     del bench_set  # this module has its own sets (MULTI_SETS), chosen by the same --bench-set
-    counts = multi_set(metafunc.config).adapter_counts
+    chosen = multi_set(metafunc.config)
+    counts = chosen.adapter_counts if chosen is not None else ()
     if "multi_layer_n" in metafunc.fixturenames:
         metafunc.parametrize("multi_layer_n", counts, ids=[f"layer-n{n}" for n in counts])
     if "multi_model_n" in metafunc.fixturenames:

@@ -36,3 +36,19 @@ def test_tiny_set_writes_every_variant_and_the_targets(tmp_path):
     # one VeFA target and a LoRA and a LoRFA target per n, for the layer and the model
     assert len(results["targets"]) == 2 * (1 + 2 * len(counts))
     assert results["environment"]["bench_set"] == "tiny" and results["environment"]["device"]
+
+
+def test_every_bench_set_collects_in_every_benchmark_module():
+    # tools/gpu-check.sh runs the benchmarks with sets the CPU never picks
+    # (gpu-headline, gpu-rest): a module that lacks one fails at collection.
+    script = (
+        "import sys, pytest\n"
+        "sys.path.insert(0, 'benchmarks')\n"
+        "from bench_cases import BENCH_SETS\n"
+        "failed = [name for name in sorted(BENCH_SETS) if pytest.main(\n"
+        "    ['benchmarks', '--collect-only', '-q', '-p', 'no:cacheprovider', '--bench-set', name]) != 0]\n"
+        "print('FAILED', failed)\n"
+        "sys.exit(1 if failed else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
