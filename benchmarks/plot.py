@@ -65,18 +65,69 @@ def markdown(results):
             f"| {row['layer']} | {row['dtype']} | {', '.join(map(str, row['shape']))} | "
             f"{row['ratio_to_floor']:.2f} | {peer} | {row['saved_bytes'] / row['x_bytes']:.2f} |"
         )
-    if results["end_to_end"]:
+    # rows on a quantized base compare with the same adapter on the full-precision base instead
+    full_precision = [r for r in results["end_to_end"] if "time_vs_full_precision" not in r]
+    quantized = [r for r in results["end_to_end"] if "time_vs_full_precision" in r]
+    if full_precision:
         lines += [
             "",
             "| model | method | trainable parameters | tokens/s | speed / full fine-tuning |",
             "|---|---|---|---|---|",
         ]
-        for row in results["end_to_end"]:
+        for row in full_precision:
             lines.append(
                 f"| {row['model']} ({row['dtype']}, {row['batch']}×{row['seq']}) | {row['method']} | "
                 f"{row['trainable_params']:,} | {row['tokens_per_s']:.0f} | {row['speed_vs_full']:.2f} |"
             )
+    if quantized:
+        lines += [
+            "",
+            "| model | method | tokens/s | time / same method, full-precision base | peak memory (MB) | "
+            "peak / full-precision base |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in quantized:
+            lines.append(
+                f"| {row['model']} ({row['dtype']}, {row['batch']}×{row['seq']}) | {row['method']} | "
+                f"{row['tokens_per_s']:.0f} | {row['time_vs_full_precision']:.2f} | "
+                f"{row['peak_bytes'] / 1e6:.0f} | {row['peak_bytes'] / row['peak_bytes_full_precision']:.2f} |"
+            )
     return "\n".join(lines)
+
+
+def multi_adapter_markdown(results):
+    """The README's tables of a mixed-adapter results file (benchmarks/test_multi_adapter.py):
+    time as a multiple of the frozen layer's (model: the plain model's), per variant and n."""
+    env, case = results["environment"], results["environment"]["case"]
+    lines = [f"Device: {env['device']}; torch {env['torch']}, peft {env['peft']}; "
+             f"{env['date'][:10]}, featadapt {env['featadapt_revision'][:12]}."]
+    if env.get("machine_load"):
+        one, five, fifteen = env["machine_load"]
+        lines.append(f"Load average at the end of the run: {one:.1f} (1 min), {five:.1f} (5 min), "
+                     f"{fifteen:.1f} (15 min).")
+    titles = {
+        "layer": f"one layer, K = N = {case['features']}, r = {case['rank']}",
+        "model": f"GPT-2 from a config, {case['model_layers']} layers, width {case['model_width']}, r = {case['rank']}",
+    }
+    for kind in ("layer", "model"):
+        rows = [r for r in results[kind] if r["variant"] != "floor"]
+        counts = sorted({r["adapters"] for r in rows})
+        lines += ["", f"| {titles[kind]} | " + " | ".join(f"n = {n}" for n in counts) + " |",
+                  "|---|" + "---:|" * len(counts)]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            ratio = {r["adapters"]: r["ratio_to_floor"] for r in rows if r["variant"] == variant}
+            lines.append(f"| `{variant}` | " + " | ".join(f"{ratio[n]:.2f}" if n in ratio else "" for n in counts)
+                         + " |")
+    met = sum(t["met"] for t in results["targets"])
+    lines += ["", f"Targets: {met} of {len(results['targets'])} met."]
+    lines += [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['ratio']:.2f})" for t in results["targets"]
+              if not t["met"]]
+    return "\n".join(lines)
+
+
+def tables(results):
+    """The README's tables for any results file this module knows."""
+    return markdown(results) if "layers" in results else multi_adapter_markdown(results)
 
 
 def _bar_chart(panels, value, ylabel, title, path, reference_line=None):
@@ -126,7 +177,7 @@ def main():
     parser.add_argument("--markdown", action="store_true", help="print the README's tables instead of drawing")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown(load(args.results)))
+        print(tables(load(args.results)))
         return
     output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.results))
     os.makedirs(output_dir, exist_ok=True)

@@ -17,6 +17,7 @@ import featadapt
 from featadapt.nn import LoRABlackBox, LoRFABlackBox, VeFABlackBox
 from featadapt.nn.bases import dequantized_weight
 from helpers import rel_err
+from quantized_bases import QUANTIZED, bnb_4bit, bnb_8bit, torchao_int8
 
 CLASSES = {"vefa": VeFABlackBox, "lorfa": LoRFABlackBox, "lora": LoRABlackBox}
 METHODS = list(CLASSES)
@@ -176,47 +177,6 @@ def test_inject_and_files_round_trip_a_conv_model(tmp_path):
 # ---------------------------------------------------------------------------
 # Quantized linears
 # ---------------------------------------------------------------------------
-
-def _bnb():  # bitsandbytes is optional: imported by the tests that need it
-    return pytest.importorskip("bitsandbytes")
-
-
-def bnb_4bit(linear, quant_type="nf4", compute_dtype=torch.float32):
-    bitsandbytes = _bnb()
-    layer = bitsandbytes.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                       compute_dtype=compute_dtype, quant_type=quant_type)
-    layer.load_state_dict(linear.state_dict())
-    return layer.to("cpu")  # quantizes
-
-
-def bnb_8bit(linear):
-    bitsandbytes = _bnb()
-    layer = bitsandbytes.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                         has_fp16_weights=False)
-    layer.load_state_dict(linear.state_dict())
-    return layer.to("cpu")
-
-
-def torchao_quantized(linear, config="Int8WeightOnlyConfig", **options):
-    quantization = pytest.importorskip("torchao.quantization")
-    holder = nn.Sequential(copy.deepcopy(linear))
-    quantization.quantize_(holder, getattr(quantization, config)(**options))
-    return holder[0]
-
-
-def torchao_int8(linear):
-    return torchao_quantized(linear)
-
-
-QUANTIZED = {
-    "bnb-nf4": lambda lin: bnb_4bit(lin, "nf4"),
-    "bnb-fp4": lambda lin: bnb_4bit(lin, "fp4"),
-    "bnb-8bit": bnb_8bit,
-    "torchao-int8": torchao_int8,
-    "torchao-int4": lambda lin: torchao_quantized(lin, "IntxWeightOnlyConfig", weight_dtype=torch.int4),
-    "torchao-float8": lambda lin: torchao_quantized(lin, "Float8WeightOnlyConfig"),
-}
-
 
 def float64_oracle(method, layer, w0, b0, x):
     x = x.double()

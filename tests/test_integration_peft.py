@@ -35,6 +35,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import featadapt  # noqa: E402
 import featadapt.integrations.peft as fp  # noqa: E402
+import featadapt.ops as featadapt_ops  # noqa: E402
 from featadapt.integrations.peft import LoRFAConfig, VeFAConfig, accelerate, restore, set_backend  # noqa: E402
 
 # Noise from transformers/PEFT internals that these tests cannot avoid.
@@ -196,7 +197,8 @@ def test_registration_survives_a_second_import_and_a_reload():
     import featadapt.integrations.peft  # noqa: F401  (a second import is a no-op)
 
     try:
-        importlib.reload(fp)  # runs the registration again, with new classes
+        importlib.reload(fp.tuners)  # new tuner classes,
+        importlib.reload(fp)  # and the registration runs again with them
         assert fp.VeFAModel is not saved["VeFAModel"]
         assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.VEFA] is fp.VeFAModel
         assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.LORFA] is fp.LoRFAConfig
@@ -206,7 +208,8 @@ def test_registration_survives_a_second_import_and_a_reload():
     finally:
         # Back to the classes this file imported, registered again.
         vars(fp).update(saved)
-        fp._register()
+        vars(fp.tuners).update(VeFAModel=saved["VeFAModel"], LoRFAModel=saved["LoRFAModel"])
+        fp.register()
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.VEFA] is saved["VeFAModel"]
 
 
@@ -237,19 +240,22 @@ def test_bad_targets_name_the_module():
     base = make_mlp(torch.float32)
     with pytest.raises(ValueError, match=r"r must be at most in_features=17 for module 'lin0', got 18"):
         peft_model(base, LoRFAConfig(r=18, target_modules=["lin0"]))
-    conv = nn.Sequential(nn.Conv1d(3, 4, 1))
-    accepted = r"wrap only an nn\.Linear or transformers' Conv1D with its class's own forward"
-    with pytest.raises(TypeError, match=r"VeFA: module '0' is a Conv1d, but featadapt's VeFA layers " + accepted):
-        get_peft_model(conv, VeFAConfig(target_modules=["0"]))
+    embedding = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.raises(TypeError, match=r"VeFA: module '0' is a Embedding, which featadapt's VeFA layers cannot "
+                                        r"wrap: an nn.Embedding has no input features to transform"):
+        get_peft_model(embedding, VeFAConfig(target_modules=["0"]))
 
-    class OwnForwardConv1D(Conv1D):  # e.g. a quantized Conv1D: the fused ops cannot stand in for it
+    class OwnForwardConv1D(Conv1D):  # e.g. a quantized Conv1D: the merge could not know what it computes
         def forward(self, x):
             return super().forward(x)
 
-    with pytest.raises(TypeError, match=r"LoRFA: module '0' is a OwnForwardConv1D, but .* " + accepted):
+    with pytest.raises(TypeError, match=r"LoRFA: module '0' is a OwnForwardConv1D, which .* cannot wrap: "
+                                        r"its class overrides the forward of Conv1D"):
         get_peft_model(nn.Sequential(OwnForwardConv1D(4, 3)), LoRFAConfig(r=2, target_modules=["0"]))
-    with pytest.raises(TypeError, match=r"VeFAPeftLinear: base_layer must be an nn\.Linear or transformers' Conv1D"):
-        fp.VeFAPeftLinear(nn.Conv1d(3, 4, 1), "default", VeFAConfig(target_modules=["0"]))
+    mha = nn.MultiheadAttention(4, 2)
+    with pytest.raises(TypeError, match=r"VeFAPeftLinear: cannot wrap a NonDynamicallyQuantizableLinear: "
+                                        r"nn.MultiheadAttention reads its out_proj's weight directly"):
+        fp.VeFAPeftLinear(mha.out_proj, "default", VeFAConfig(target_modules=["0"]))
 
 
 # ---------------------------------------------------------------------------
@@ -735,7 +741,7 @@ def op_calls(monkeypatch):
     calls = {"vefa_linear": 0, "lora_linear": 0}
 
     def spy(name):
-        op = getattr(fp, name)
+        op = getattr(featadapt_ops, name)
 
         def counted(*args, **kwargs):
             calls[name] += 1
@@ -744,7 +750,9 @@ def op_calls(monkeypatch):
         return counted
 
     for name in calls:
-        monkeypatch.setattr(fp, name, spy(name))
+        for module in (fp.fused, fp.acceleration):  # where featadapt's PEFT code calls the ops
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, spy(name))
     return calls
 
 

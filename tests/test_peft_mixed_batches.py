@@ -19,6 +19,7 @@ from helpers import tiny_gpt2  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import featadapt.integrations.peft as fp  # noqa: E402
+import featadapt.ops as featadapt_ops  # noqa: E402
 from featadapt.integrations.peft import LoRFAConfig, VeFAConfig, accelerate  # noqa: E402
 
 pytestmark = [
@@ -166,7 +167,7 @@ def op_calls(monkeypatch):
     calls = {"vefa_linear": 0, "lorfa_linear": 0, "lora_linear": 0, "indexed": 0}
 
     def spy(name):
-        op = getattr(fp, name)
+        op = getattr(featadapt_ops, name)
 
         def counted(*args, **kwargs):
             calls[name] += 1
@@ -176,7 +177,9 @@ def op_calls(monkeypatch):
         return counted
 
     for name in ("vefa_linear", "lorfa_linear", "lora_linear"):
-        monkeypatch.setattr(fp, name, spy(name))
+        for module in (fp.fused, fp.acceleration):  # where featadapt's PEFT code calls the ops
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, spy(name))
     return calls
 
 

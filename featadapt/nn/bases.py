@@ -160,3 +160,74 @@ def guard_bnb_cpu_repacking(module):
     stored, so the repacking is switched off on every Linear4bit they wrap."""
     if bnb_kind(module) == "4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
         module.support_avx512bf16_for_cpu = False
+
+
+def set_bnb_weight(base, weight):
+    """Quantize `weight` (out, in) into `base`'s own bitsandbytes format, replacing its weight."""
+    import bitsandbytes as bnb
+
+    old = base.weight
+    if bnb_kind(base) == "4bit":
+        new = bnb.nn.Params4bit(
+            weight.to(old.quant_state.dtype), requires_grad=False, quant_type=old.quant_type,
+            blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+            quant_storage=old.quant_storage, module=base,
+        )
+        base.weight = new.to(old.device)
+    else:
+        new = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+        base.weight = new.to(old.device)
+        base.state = bnb.MatmulLtState()
+        base.state.has_fp16_weights = False
+
+
+def check_requantizable(owner, base, requantize, opt_in, full_precision):
+    """Refuse to merge into a quantized `base` unless `requantize`, naming the
+    opt-in and the full-precision way round; refuse bases whose format is not
+    known here (torchao's configs)."""
+    if not requantize:
+        raise ValueError(
+            f"{owner}: the base is a {quantized_description(base)}; merging re-quantizes its weight and loses "
+            f"precision. Use {opt_in} to do it anyway (unmerge() restores the original exactly), or "
+            f"{full_precision} for full-precision layers with the adapter folded in exactly"
+        )
+    if bnb_kind(base) is None:
+        raise ValueError(
+            f"{owner}: re-quantizing a {quantized_description(base)} is not supported (its quantization config "
+            f"is not known here); use {full_precision} for full-precision layers"
+        )
+
+
+@torch.no_grad()
+def requantize_merged(base, weight, bias):
+    """Quantize a merged (weight, bias) into the bitsandbytes layer `base`, in
+    its own format. Returns (what `restore_quantized` puts back, the relative
+    error of the re-quantized weight against `weight`)."""
+    saved = {"weight": base.weight, "bias": None if base.bias is None else base.bias.detach().clone(),
+             "state": getattr(base, "state", None)}
+    set_bnb_weight(base, weight)
+    if bias is not None:
+        if base.bias is None:
+            base.bias = nn.Parameter(bias.to(compute_dtype(base)), requires_grad=False)
+        else:
+            base.bias.copy_(bias)
+    requantized = dequantized_weight(base).to(weight.dtype)
+    error = float((requantized - weight).norm() / weight.norm().clamp_min(1e-30))
+    return saved, error
+
+
+@torch.no_grad()
+def restore_quantized(base, saved):
+    """Put back what `requantize_merged` replaced, bit for bit."""
+    base.weight = saved["weight"]
+    if saved["state"] is not None:
+        base.state = saved["state"]
+    if saved["bias"] is None:
+        base.bias = None
+    else:
+        base.bias.copy_(saved["bias"])
+
+
+def saved_original_weight(base, saved):
+    """W0 as a quantized base computed with it before `requantize_merged`, dequantized."""
+    return dequantized_weight(base, saved["weight"], saved["state"])

@@ -34,12 +34,23 @@ from .bases import (
     CONV,
     QUANTIZED,
     base_kind,
-    bnb_kind,
     check_input_gradients,
+    check_requantizable,
     compute_dtype,
     dequantized_weight,
     guard_bnb_cpu_repacking,
     quantized_description,
+    requantize_merged,
+    restore_quantized,
+    saved_original_weight,
+)
+from .input_channels import (
+    channel_dim,
+    channel_linear,
+    check_shift_mergeable,
+    map_input_channels,
+    scale_input_channels,
+    scaled_input,
 )
 
 
@@ -88,21 +99,12 @@ class BlackBoxAdapter(AdapterLayer):
         device = self.base_layer.weight.device
         return {"device": device, "dtype": dtype}
 
-    def _channel_dim(self, x):
-        """Linear inputs are (..., K); convolution inputs (N, C, *spatial) or unbatched (C, *spatial)."""
-        return x.dim() - self.spatial_dims - 1
-
-    def _per_channel(self, vector, x):
-        """`vector` (C,) shaped to broadcast along x's channel dimension."""
-        return vector.view((-1,) + (1,) * self.spatial_dims)
-
     def _channel_linear(self, x, matrix):
         """``x`` with its channel dimension multiplied by ``matrixᵀ`` (matrix: (out, C))."""
-        dim = self._channel_dim(x)
-        return (x.movedim(dim, -1) @ matrix.T).movedim(-1, dim)
+        return channel_linear(x, matrix, channel_dim(x, self.spatial_dims))
 
     def _check_input(self, x):
-        dim = self._channel_dim(x)
+        dim = channel_dim(x, self.spatial_dims)
         if dim < 0 or x.shape[dim] != self.in_features:
             what = "(..., in_features)" if self.kind == QUANTIZED else "(N, C, *spatial) or (C, *spatial)"
             raise ValueError(
@@ -123,8 +125,7 @@ class BlackBoxAdapter(AdapterLayer):
         (out, in/groups, *kernel) for a convolution; merged or not."""
         if self.kind == QUANTIZED:
             if self.merged:
-                saved = self._before_merge
-                return dequantized_weight(self.base_layer, saved["weight"], saved["state"])
+                return saved_original_weight(self.base_layer, self._before_merge)
             return dequantized_weight(self.base_layer)
         return self._before_merge["weight"] if self.merged else self.base_layer.weight
 
@@ -173,31 +174,11 @@ class BlackBoxAdapter(AdapterLayer):
 
     def _merge_quantized(self, requantize):
         base = self.base_layer
-        if not requantize:
-            raise ValueError(
-                f"{type(self).__name__}.merge(): the base is a {quantized_description(base)}; merging "
-                "re-quantizes its weight and loses precision. Call merge(requantize=True) to do it anyway "
-                "(unmerge() restores the original exactly), or featadapt.unload(model, merge=True, "
-                "dequantize=True) for full-precision layers with the adapter folded in exactly"
-            )
-        if bnb_kind(base) is None:
-            raise ValueError(
-                f"{type(self).__name__}.merge(requantize=True): re-quantizing a {quantized_description(base)} "
-                "is not supported (its quantization config is not known here); use featadapt.unload(model, "
-                "merge=True, dequantize=True) for full-precision layers"
-            )
-        w0, b0 = dequantized_weight(base), base.bias
-        weight, bias = self._merged(w0, b0)
-        self._before_merge = {"weight": base.weight, "bias": None if b0 is None else b0.detach().clone(),
-                              "state": getattr(base, "state", None)}
-        _set_bnb_weight(base, weight)
-        if bias is not None:
-            if base.bias is None:
-                base.bias = nn.Parameter(bias.to(compute_dtype(base)), requires_grad=False)
-            else:
-                base.bias.copy_(bias)
-        requantized = dequantized_weight(base).to(weight.dtype)
-        self.requantization_error = float((requantized - weight).norm() / weight.norm().clamp_min(1e-30))
+        owner = f"{type(self).__name__}.merge({'requantize=True' if requantize else ''})"
+        check_requantizable(owner, base, requantize, "merge(requantize=True)",
+                            "featadapt.unload(model, merge=True, dequantize=True)")
+        weight, bias = self._merged(dequantized_weight(base), base.bias)
+        self._before_merge, self.requantization_error = requantize_merged(base, weight, bias)
         warnings.warn(
             f"{type(self).__name__}.merge(requantize=True): the merged weight was re-quantized "
             f"({quantized_description(base)}); relative error {self.requantization_error:.3g}",
@@ -212,15 +193,13 @@ class BlackBoxAdapter(AdapterLayer):
             return
         base, saved = self.base_layer, self._before_merge
         if self.kind == QUANTIZED:
-            base.weight = saved["weight"]
-            if saved["state"] is not None:
-                base.state = saved["state"]
+            restore_quantized(base, saved)
         else:
             base.weight.copy_(saved["weight"])
-        if saved["bias"] is None:
-            base.bias = None
-        else:
-            base.bias.copy_(saved["bias"])
+            if saved["bias"] is None:
+                base.bias = None
+            else:
+                base.bias.copy_(saved["bias"])
         self._before_merge = None
         self.requantization_error = None
         self.merged = False
@@ -248,25 +227,6 @@ class BlackBoxAdapter(AdapterLayer):
                 f"{options}, merged={self.merged}")
 
 
-def _set_bnb_weight(base, weight):
-    """Quantize `weight` (out, in) into `base`'s own bitsandbytes format, replacing its weight."""
-    import bitsandbytes as bnb
-
-    old = base.weight
-    if bnb_kind(base) == "4bit":
-        new = bnb.nn.Params4bit(
-            weight.to(old.quant_state.dtype), requires_grad=False, quant_type=old.quant_type,
-            blocksize=old.blocksize, compress_statistics=old.compress_statistics,
-            quant_storage=old.quant_storage, module=base,
-        )
-        base.weight = new.to(old.device)
-    else:
-        new = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
-        base.weight = new.to(old.device)
-        base.state = bnb.MatmulLtState()
-        base.state.has_fp16_weights = False
-
-
 class VeFABlackBox(BlackBoxAdapter):
     """VeFA on a quantized linear or a convolution: ``base(x ⊙ scale + shift)`` over input channels."""
 
@@ -274,12 +234,8 @@ class VeFABlackBox(BlackBoxAdapter):
 
     def __init__(self, base_layer, *, shift=False, backend=None, dtype=None):
         super().__init__(base_layer, backend=backend)
-        if shift and self.kind == CONV and _pads_with_zeros(base_layer):
-            raise ValueError(
-                f"{type(self).__name__}: shift=True on a convolution that pads with zeros "
-                f"(padding={base_layer.padding}) is not supported: the padding would not be shifted, "
-                "so the adapter could not be merged exactly; use shift=False or padding_mode='replicate'"
-            )
+        if shift and self.kind == CONV:
+            check_shift_mergeable(type(self).__name__, base_layer)
         kwargs = self._adapter_kwargs(dtype)
         self.scale = nn.Parameter(torch.ones(self.in_features, **kwargs))
         self.shift = nn.Parameter(torch.zeros(self.in_features, **kwargs)) if shift else None
@@ -288,35 +244,11 @@ class VeFABlackBox(BlackBoxAdapter):
         return {"shift": self.shift is not None}
 
     def _adapted_forward(self, x):
-        scale = self._per_channel(self.scale, x)
-        if self.shift is None:
-            scaled = x * scale
-        else:
-            scaled = torch.addcmul(self._per_channel(self.shift, x), x, scale)
-        return self.base_layer(scaled.to(x.dtype))
+        return self.base_layer(scaled_input(x, self.scale, self.shift, self.spatial_dims))
 
     def _merged(self, w0, b0):
         dtype = _wide(w0, self.scale)
-        w = w0.to(dtype)
-        groups = getattr(self.base_layer, "groups", 1)
-        # weight (out, in/groups, *kernel): output group g reads input channels g·(in/groups) + c
-        per_group = self.scale.to(dtype).view(groups, 1, -1, *([1] * (w.dim() - 2)))
-        shape = (groups, w.shape[0] // groups) + tuple(w.shape[1:])
-        weight = (w.reshape(shape) * per_group).reshape(w.shape)
-        if self.shift is None:
-            return weight, None
-        t = self.shift.to(dtype).view(groups, 1, -1, *([1] * (w.dim() - 2)))
-        shifted = (w.reshape(shape) * t).flatten(2).sum(-1).reshape(-1)
-        return weight, shifted if b0 is None else b0.to(dtype) + shifted
-
-
-def _pads_with_zeros(conv):
-    padding = conv.padding
-    if isinstance(padding, str):
-        padded = padding != "valid"
-    else:
-        padded = any(p != 0 for p in padding)
-    return padded and conv.padding_mode == "zeros"
+        return scale_input_channels(w0.to(dtype), b0, self.scale, self.shift, getattr(self.base_layer, "groups", 1))
 
 
 class _LowRankBlackBox(BlackBoxAdapter):
@@ -362,11 +294,8 @@ class LoRFABlackBox(_LowRankBlackBox):
         return self.base_layer(x + self.scaling * delta)
 
     def _merged(self, w0, b0):
-        # W0 ⊛ (I + γ B A) over input channels, never forming the C×C matrix
         dtype = _wide(w0, self.lora_A)
-        w = w0.to(dtype).movedim(1, -1)  # (..., in)
-        a, b = self.lora_A.to(dtype), self.lora_B.to(dtype)
-        return (w + self.scaling * ((w @ b) @ a)).movedim(-1, 1), None
+        return map_input_channels(w0.to(dtype), [(self.lora_A, self.lora_B, self.scaling)]), None
 
 
 class LoRABlackBox(_LowRankBlackBox):
