@@ -21,7 +21,7 @@ CUDA_ARCHS ?= 9.0
 DATA_STAMP := $(VENV)/.featadapt-demo-data
 
 .PHONY: test demo bench plot pins gpu-check gpu-test gpu-sanitize gpu-bench cmake-build setup clean \
-	triton-sweep cuda-resources
+	triton-sweep cuda-resources peft-suite
 
 test: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -64,6 +64,11 @@ triton-sweep: $(STAMP)
 
 # The CUDA extension's registers, stack, shared and local memory per kernel,
 # read from the built featadapt._C (tests/test_aot_cuda.py checks against it).
+# PEFT's own tests/test_custom_models.py with VeFA and LoRFA rows added
+# (tools/peft_suite_cases.py); needs the network for peft's source release.
+peft-suite: $(STAMP)
+	tools/peft-suite.sh $(PY)
+
 cuda-resources: $(STAMP)
 	$(PY) tools/cuda_resources.py write
 

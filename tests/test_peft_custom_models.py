@@ -433,3 +433,20 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(model_id, cls, kwargs):
     mixed = model(X=X, adapter_names=names)
     for i, name in enumerate(names):
         assert rel_err(mixed[i], per_sample[name][i]) < 1e-5, (i, name)
+
+
+def test_the_rows_for_peft_own_suite_build_their_configs():
+    """tools/peft_suite_cases.py (what `make peft-suite` adds to PEFT's own file): every row's config builds."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "peft_suite_cases.py"
+    spec = importlib.util.spec_from_file_location("peft_suite_cases", path)
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    assert len({row[0] for row in cases.TEST_CASES}) == len(cases.TEST_CASES)  # PEFT's ids must be unique
+    for _, _, cls, kwargs in cases.TEST_CASES:
+        cls(**copy.deepcopy(kwargs))
+    for _, _, cls, first, second in cases.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES:
+        cls(**first), cls(**second)
+    assert all(isinstance(c, (VeFAConfig, LoRFAConfig)) for row in cases.MIXED_ADAPTER_TEST_CASES for c in row[1:])
