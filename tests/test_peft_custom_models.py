@@ -450,3 +450,26 @@ def test_the_rows_for_peft_own_suite_build_their_configs():
     for _, _, cls, first, second in cases.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES:
         cls(**first), cls(**second)
     assert all(isinstance(c, (VeFAConfig, LoRFAConfig)) for row in cases.MIXED_ADAPTER_TEST_CASES for c in row[1:])
+
+
+@pytest.mark.parametrize("model_id", ["Conv2d", "Conv3d", "EmbConv1D"])
+def test_add_weighted_adapter_on_convolution_and_conv1d_bases(model_id):
+    target = ["conv1d"] if model_id == "EmbConv1D" else ["conv"]
+    lorfa = adapted(model_id, LoRFAConfig, {"target_modules": target, "r": 2}).eval()
+    torch.manual_seed(5)
+    lorfa.add_adapter("other", config_for(LoRFAConfig, {"target_modules": target, "r": 2}, init_weights=False))
+    lorfa.base_model.set_adapter(["default", "other"])
+    both = run(lorfa, model_id)
+    lorfa.add_weighted_adapter(["default", "other"], [1.0, 1.0], "sum")  # the low-rank maps add up exactly
+    lorfa.set_adapter("sum")
+    assert rel_err(run(lorfa, model_id), both) < 1e-5
+
+    vefa = adapted(model_id, VeFAConfig, {"target_modules": target}).eval()
+    torch.manual_seed(6)
+    vefa.add_adapter("other", config_for(VeFAConfig, {"target_modules": target}, init_weights=False))
+    vefa.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mean")
+    vefa.set_adapter("mean")
+    layer = vefa.get_base_model().get_submodule(target[0])
+    expected = 1 + 0.5 * (layer.vefa_scale["default"] - 1) + 0.5 * (layer.vefa_scale["other"] - 1)
+    assert torch.allclose(layer.vefa_scale["mean"], expected)
+    assert rel_err(run(vefa, model_id), oracle_output(vefa, model_id)) < 1e-5

@@ -200,3 +200,15 @@ def test_bfloat16_compute_4bit_model():
     model = get_peft_model(net, CONFIGS["vefa"]())
     x = torch.randn(3, 32)
     assert rel_err(model(x), oracle(model, x)) < 2e-2
+
+
+def test_add_weighted_adapter_on_a_4bit_model():
+    model = get_peft_model(quantized_net("bnb-nf4"), CONFIGS["lorfa"]()).eval()
+    torch.manual_seed(4)
+    model.add_adapter("other", CONFIGS["lorfa"]())
+    model.base_model.set_adapter(["default", "other"])
+    x = torch.randn(5, 32)
+    both = model(x)
+    model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "sum")
+    model.set_adapter("sum")
+    assert rel_err(model(x), both) < 1e-5
