@@ -113,7 +113,6 @@ def _no_setup():
 
 def test_training_step(benchmark, bench_set, bench_results, model_method):
     model_name, method = model_method
-    spec = MODELS[model_name]
     device = bench_device()
     step = training_step(model_name, method, device)
 
@@ -134,8 +133,16 @@ def test_training_step(benchmark, bench_set, bench_results, model_method):
         runs = [(_no_setup, _full_steps[model_name]), (_no_setup, step)]
         full_median, method_median = interleaved_medians(runs, rounds)
         speed_vs_full = full_median / method_median
+    row = result_row(model_name, method, step, median, rounds, device)
+    row["speed_vs_full"] = None if benchmark.disabled else speed_vs_full
+    bench_results.end_to_end.append(row)
+
+
+def result_row(model_name, method, step, median, rounds, device):
+    """The fields of every end-to-end results row (this module's and the quantized bases')."""
+    spec = MODELS[model_name]
     trainable, total = featadapt.trainable_parameters(step.model)
-    bench_results.end_to_end.append({
+    return {
         "model": model_name,
         "method": method,
         "dtype": step.dtype,
@@ -146,6 +153,5 @@ def test_training_step(benchmark, bench_set, bench_results, model_method):
         "median_s": median,
         "rounds": rounds,
         "tokens_per_s": None if median is None else spec.batch * spec.seq / median,
-        "speed_vs_full": None if benchmark.disabled else speed_vs_full,
         "peak_bytes": peak_memory_bytes(step, device),
-    })
+    }

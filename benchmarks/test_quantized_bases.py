@@ -8,12 +8,10 @@ the quantized base costs (or saves) per step; peak memory is per step."""
 import time
 
 import pytest
-import torch
 
-import featadapt
 from bench_cases import bench_device, interleaved_medians, peak_memory_bytes
 from featadapt.model import matching_modules, replace_module
-from test_end_to_end import MODELS, _no_setup, training_step
+from test_end_to_end import _no_setup, result_row, training_step
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -43,7 +41,6 @@ def quantize_linears(model, base, device):
 
 def test_quantized_base_training_step(benchmark, bench_set, bench_results, quantized_case):
     model_name, base, method = quantized_case
-    spec = MODELS[model_name]
     device = bench_device()
     step = training_step(model_name, method, device, prepare=lambda model: quantize_linears(model, base, device))
     start = time.perf_counter()
@@ -56,20 +53,11 @@ def test_quantized_base_training_step(benchmark, bench_set, bench_results, quant
     full_precision = training_step(model_name, method, device)
     full_precision()
     full_median, quantized_median = interleaved_medians([(_no_setup, full_precision), (_no_setup, step)], rounds)
-    trainable, total = featadapt.trainable_parameters(step.model)
-    bench_results.end_to_end.append({
+    row = result_row(model_name, method, step, median, rounds, device)
+    row.update({
         "model": f"{model_name} ({base} base)",
-        "method": method,
-        "dtype": step.dtype,
-        "batch": spec.batch,
-        "seq": spec.seq,
-        "trainable_params": trainable,
-        "total_params": total,
-        "median_s": median,
-        "rounds": rounds,
-        "tokens_per_s": None if median is None else spec.batch * spec.seq / median,
         "speed_vs_full": None,  # the comparison here is with the full-precision base:
         "time_vs_full_precision": None if benchmark.disabled else quantized_median / full_median,
-        "peak_bytes": peak_memory_bytes(step, device),
         "peak_bytes_full_precision": peak_memory_bytes(full_precision, device),
     })
+    bench_results.end_to_end.append(row)
