@@ -175,18 +175,8 @@ def vefa_indexed_backward(ctx, dy):
     return dx, dweight, dbias, dscale, dshift, None
 
 
-class VeFAIndexedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, ids):
-        rows = RowGroups(ids, scale.shape[0], GATHER)
-        y = F.linear(scaled_rows_input(x, scale, shift, rows), weight, bias)
-        ctx.save_for_backward(x, weight, scale, shift, ids)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        return vefa_indexed_backward(ctx, dy)
+def _vefa_forward(x, weight, bias, scale, shift, ids):
+    return F.linear(scaled_rows_input(x, scale, shift, RowGroups(ids, scale.shape[0], GATHER)), weight, bias)
 
 
 # -- LoRA and LoRFA ------------------------------------------------------------
@@ -241,33 +231,68 @@ def low_rank_indexed_backward(ctx, dy):
     return dx, dweight, dbias, dA, dB, None, None, None, None, None
 
 
-class LowRankIndexedFunction(torch.autograd.Function):
-    """LoRA (lorfa=False) and LoRFA (lorfa=True) with a per-row adapter."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed, lorfa):
-        rows = row_groups_for(x, weight, lora_A, lora_B, ids)
-        u = shrink(rows, apply_dropout(x, dropout_p, dropout_seed), lora_A)
-        if lorfa:
-            y = F.linear(expand_into(rows, x.clone(), u, lora_B, scaling), weight, bias)
-        else:
-            y = expand_into(rows, F.linear(x, weight, bias), u, lora_B, scaling)
-        save_low_rank(ctx, x, weight, lora_A, lora_B, scaling, ids, u, dropout_p, dropout_seed, lorfa)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        return low_rank_indexed_backward(ctx, dy)
+def _low_rank_forward(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed, lorfa):
+    rows = row_groups_for(x, weight, lora_A, lora_B, ids)
+    u = shrink(rows, apply_dropout(x, dropout_p, dropout_seed), lora_A)
+    if lorfa:
+        return F.linear(expand_into(rows, x.clone(), u, lora_B, scaling), weight, bias), u
+    return expand_into(rows, F.linear(x, weight, bias), u, lora_B, scaling), u
 
 
-def vefa_linear_indexed(x, weight, bias, scale, shift, ids):
-    return VeFAIndexedFunction.apply(x, weight, bias, scale, shift, ids)
+# -- The ops -------------------------------------------------------------------
 
 
-def lorfa_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed):
-    return LowRankIndexedFunction.apply(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed, True)
+def indexed_ops(vefa_forward, low_rank_forward):
+    """{"vefa_indexed", "lorfa_indexed", "lora_indexed"}: autograd Functions
+    around a forward — torch ops here, the Triton kernels in triton_indexed.py —
+    and this module's backward, which both backends share.
+
+    vefa_forward(x, weight, bias, scale, shift, ids) -> y;
+    low_rank_forward(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p,
+    dropout_seed, lorfa) -> (y, u = x̂ A_aᵀ).
+    """
+
+    class VeFAIndexedFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, scale, shift, ids):
+            ctx.save_for_backward(x, weight, scale, shift, ids)
+            return vefa_forward(x, weight, bias, scale, shift, ids)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, dy):
+            return vefa_indexed_backward(ctx, dy)
+
+    class LowRankIndexedFunction(torch.autograd.Function):
+        """LoRA (lorfa=False) and LoRFA (lorfa=True) with a per-row adapter."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed, lorfa):
+            y, u = low_rank_forward(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed, lorfa)
+            save_low_rank(ctx, x, weight, lora_A, lora_B, scaling, ids, u, dropout_p, dropout_seed, lorfa)
+            return y
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, dy):
+            return low_rank_indexed_backward(ctx, dy)
+
+    def vefa_linear_indexed(x, weight, bias, scale, shift, ids):
+        return VeFAIndexedFunction.apply(x, weight, bias, scale, shift, ids)
+
+    def lorfa_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed):
+        return LowRankIndexedFunction.apply(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p,
+                                            dropout_seed, True)
+
+    def lora_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed):
+        return LowRankIndexedFunction.apply(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p,
+                                            dropout_seed, False)
+
+    return {"vefa_indexed": vefa_linear_indexed, "lorfa_indexed": lorfa_linear_indexed,
+            "lora_indexed": lora_linear_indexed}
 
 
-def lora_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed):
-    return LowRankIndexedFunction.apply(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p, dropout_seed, False)
+_TORCH_OPS = indexed_ops(_vefa_forward, _low_rank_forward)
+vefa_linear_indexed = _TORCH_OPS["vefa_indexed"]
+lorfa_linear_indexed = _TORCH_OPS["lorfa_indexed"]
+lora_linear_indexed = _TORCH_OPS["lora_indexed"]
