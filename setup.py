@@ -97,8 +97,9 @@ def extension_modules():
         CUDAExtension(
             name="featadapt._C",
             sources=SOURCES,
-            define_macros=[("FEATADAPT_CUDA_ARCH_LIST", arch_list)],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            # For ops.cpp (c++) only: nvcc splits a -D value at commas, and torch
+            # 2.11 hands define_macros to nvcc too ("macro names must be identifiers").
+            extra_compile_args={"cxx": [*cxx, f"-DFEATADAPT_CUDA_ARCH_LIST={arch_list}"], "nvcc": nvcc},
         )
     ]
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import featadapt
+from featadapt.ops import torch_backend as tb
 from featadapt.ops.dispatch import ENV_VAR
 from helpers import tiny_gpt2
 
@@ -127,6 +128,74 @@ def test_compiled_triton_backend_on_gpu():
     x = torch.randn(2, 5, 11, device="cuda")
     with inductor_config.patch(fallback_random=True):
         check_compiled_training(model, lambda run: run(x).square().mean())
+
+
+# -- every forward form of the torch backend -------------------------------------
+
+# (method, M, N, K, dropout): shapes that make the torch backend's rules pick each
+# of its forward forms (the test checks that they still do).
+TORCH_BACKEND_CASES = [
+    ("vefa", 24, 4, 8, 0.0),
+    ("vefa", 2, 8, 8, 0.0),
+    ("lora", 24, 4, 4, 0.0),
+    ("lora", 2, 8, 8, 0.0),
+    ("lora", 24, 4, 4, 0.25),  # dropout: the low-rank term cannot be merged
+    ("lorfa", 24, 4, 4, 0.0),
+    ("lorfa", 2, 8, 8, 0.0),
+    ("lorfa", 8, 2, 8, 0.25),
+]
+
+
+def torch_backend_form(method, m, n, k, dropout):
+    if method == "vefa":
+        return "vefa, W0 scaled" if tb.scales_weight_once(m, n) else "vefa, x scaled"
+    if tb.merges_low_rank_weight(m, n, k) and dropout == 0.0:
+        return f"{method}, merged weight"
+    form = tb.LORA if method == "lora" else tb.lorfa_form(m, n, k)
+    return f"{form}, dropout {dropout}"
+
+
+def test_compiled_torch_backend_forms_match_eager():
+    """Each forward form of the torch backend's autograd Functions, compiled with
+    fullgraph=True, gives eager's gradients for x, W0, b and the adapter. (Under
+    torch 2.11 the forms that add γ u Cᵀ to the output in place had zero gradients.)"""
+    forms = [torch_backend_form(*case) for case in TORCH_BACKEND_CASES]
+    assert sorted(set(forms)) == sorted([
+        "vefa, W0 scaled", "vefa, x scaled", "lora, merged weight", "lora, dropout 0.0",
+        "lora, dropout 0.25", "lorfa, merged weight", "lorfa-input, dropout 0.0",
+        "lorfa-projected, dropout 0.25"]), forms
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for method, m, n, k, _ in TORCH_BACKEND_CASES:
+        shapes = {"x": (m, k), "weight": (n, k), "bias": (n,)}
+        if method == "vefa":
+            shapes.update(scale=(k,), shift=(k,))
+        else:
+            shapes.update(A=(4, k), B=(k if method == "lorfa" else n, 4))
+        cases.append({name: torch.randn(shape, generator=generator).requires_grad_() for name, shape in shapes.items()})
+
+    def loss(cases):
+        total = 0.0
+        for (method, *_, dropout), t in zip(TORCH_BACKEND_CASES, cases):
+            if method == "vefa":
+                y = tb.vefa_linear(t["x"], t["weight"], t["bias"], t["scale"], t["shift"])
+            else:
+                linear = tb.lora_linear if method == "lora" else tb.lorfa_linear
+                y = linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], 2.0, dropout, 11)
+            total = total + y.square().sum()
+        return total
+
+    grads = {}
+    for kind, run in ("eager", loss), ("compiled", torch.compile(loss, fullgraph=True)):
+        for t in cases:
+            for tensor in t.values():
+                tensor.grad = None
+        run(cases).backward()
+        grads[kind] = [{name: tensor.grad.clone() for name, tensor in t.items()} for t in cases]
+    for form, eager, compiled in zip(forms, grads["eager"], grads["compiled"]):
+        for name, grad in eager.items():
+            assert torch.count_nonzero(grad) > 0, f"{form}: d{name} is zero in eager"
+            torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-5, msg=f"{form}: d{name}")
 
 
 # -- opcheck -------------------------------------------------------------------

@@ -144,6 +144,19 @@ def _merged_weight(weight, A, B, scaling, form):
     return torch.addmm(weight, gamma_C, A)
 
 
+def _add_low_rank_term(y, u, C, scaling):
+    """y + γ u Cᵀ for the fresh output y (M×N) of an autograd Function's forward.
+
+    In place in eager (no second M×N buffer). Under torch.compile out of place:
+    torch 2.11's dynamo loses the gradient of a forward output that was mutated
+    in place (it becomes zero; pytorch/pytorch#180642), and inductor plans the
+    buffers itself anyway.
+    """
+    if torch.compiler.is_compiling():
+        return torch.addmm(y, u, C.T, alpha=scaling)
+    return y.addmm_(u, C.T, alpha=scaling)
+
+
 class LowRankFunction(torch.autograd.Function):
     """LoRA and LoRFA in DESIGN.md's shared form y = x W0ᵀ + γ u Cᵀ + b."""
 
@@ -159,7 +172,7 @@ class LowRankFunction(torch.autograd.Function):
             y = F.linear(torch.addmm(x, u, B.T, alpha=scaling), weight, bias)
         else:
             C = B if form == LORA else weight @ B
-            y = F.linear(x, weight, bias).addmm_(u, C.T, alpha=scaling)
+            y = _add_low_rank_term(F.linear(x, weight, bias), u, C, scaling)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u)
         ctx.scaling, ctx.dropout_p, ctx.dropout_seed = scaling, dropout_p, dropout_seed
         ctx.form, ctx.merged = form, merged

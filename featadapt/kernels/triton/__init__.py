@@ -89,6 +89,13 @@ def compute_capability(device):
     return major * 10 + minor
 
 
+def launch_fixed(kernel, grid, args):
+    """Launch a jit kernel that is not autotuned (its blocks are in `args`): through
+    wrap_triton, so that torch.compile traces it. Under the interpreter directly:
+    torch before 2.12 cannot wrap an interpreted kernel, and nothing traces it there."""
+    (kernel if INTERPRET else wrap_triton(kernel))[grid](**args)
+
+
 class TunedKernel:
     """A jit kernel launched over the configurations the pruning rule keeps for
     the operand dtype and the device: autotuned among them, or (autotuning

@@ -8,9 +8,9 @@ from typing import Optional
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from . import INTERPRET, TunedKernel, allow_tf32, launch_grid, tile_configs, unit_stride
+from . import INTERPRET, TunedKernel, allow_tf32, launch_fixed, launch_grid, tile_configs, unit_stride
 from .jit import indexed as jit
 from .jit.configs import gather_tile_configs
 
@@ -45,7 +45,7 @@ def indexed_shrink(x: torch.Tensor, lora_A: torch.Tensor, ids: torch.Tensor) -> 
     u = x.new_empty((m, r))
     if m * r == 0:
         return u
-    wrap_triton(jit.shrink)[(triton.cdiv(m, _SHRINK_BLOCKS[0]), r)](**jit.shrink_args(x, lora_A, ids, u, _SHRINK_BLOCKS))
+    launch_fixed(jit.shrink, (triton.cdiv(m, _SHRINK_BLOCKS[0]), r), jit.shrink_args(x, lora_A, ids, u, _SHRINK_BLOCKS))
     return u
 
 
