@@ -181,6 +181,32 @@ def set_bnb_weight(base, weight):
         base.state.has_fp16_weights = False
 
 
+def merge_dtype(*tensors):
+    """float32, or float64 when any tensor is: the dtype merges are computed in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.no_grad()
+def write_merged_bias(base, bias, dtype):
+    """Write a merged bias into `base`: into its own, or as a new frozen bias of
+    `dtype` where it has none. Returns whether the merge created it."""
+    if base.bias is None:
+        base.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return True
+    base.bias.copy_(bias)
+    return False
+
+
+@torch.no_grad()
+def restore_bias(base, saved, created):
+    """Undo `write_merged_bias`: drop a bias the merge created, else copy the
+    bias saved before merging back (None: it was never changed)."""
+    if created:
+        base.bias = None
+    elif saved is not None:
+        base.bias.copy_(saved)
+
+
 def check_requantizable(owner, base, requantize, opt_in, full_precision):
     """Refuse to merge into a quantized `base` unless `requantize`, naming the
     opt-in and the full-precision way round; refuse bases whose format is not
@@ -207,10 +233,7 @@ def requantize_merged(base, weight, bias):
              "state": getattr(base, "state", None)}
     set_bnb_weight(base, weight)
     if bias is not None:
-        if base.bias is None:
-            base.bias = nn.Parameter(bias.to(compute_dtype(base)), requires_grad=False)
-        else:
-            base.bias.copy_(bias)
+        write_merged_bias(base, bias, compute_dtype(base))
     requantized = dequantized_weight(base).to(weight.dtype)
     error = float((requantized - weight).norm() / weight.norm().clamp_min(1e-30))
     return saved, error
@@ -222,10 +245,7 @@ def restore_quantized(base, saved):
     base.weight = saved["weight"]
     if saved["state"] is not None:
         base.state = saved["state"]
-    if saved["bias"] is None:
-        base.bias = None
-    else:
-        base.bias.copy_(saved["bias"])
+    restore_bias(base, saved["bias"], created=saved["bias"] is None)
 
 
 def saved_original_weight(base, saved):

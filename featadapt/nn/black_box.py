@@ -39,10 +39,13 @@ from .bases import (
     compute_dtype,
     dequantized_weight,
     guard_bnb_cpu_repacking,
+    merge_dtype,
     quantized_description,
     requantize_merged,
+    restore_bias,
     restore_quantized,
     saved_original_weight,
+    write_merged_bias,
 )
 from .input_channels import (
     channel_dim,
@@ -52,10 +55,6 @@ from .input_channels import (
     scale_input_channels,
     scaled_input,
 )
-
-
-def _wide(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class BlackBoxAdapter(AdapterLayer):
@@ -163,13 +162,10 @@ class BlackBoxAdapter(AdapterLayer):
         weight, bias = self._merged(base.weight, base.bias)
         self._before_merge = {"weight": base.weight.detach().clone(),
                               "bias": None if base.bias is None else base.bias.detach().clone(),
-                              "had_bias": base.bias is not None}
+                              "bias_created": False}
         base.weight.copy_(weight)
         if bias is not None:
-            if base.bias is None:
-                base.bias = nn.Parameter(bias.to(base.weight.dtype), requires_grad=False)
-            else:
-                base.bias.copy_(bias)
+            self._before_merge["bias_created"] = write_merged_bias(base, bias, base.weight.dtype)
         self.merged = True
 
     def _merge_quantized(self, requantize):
@@ -196,10 +192,7 @@ class BlackBoxAdapter(AdapterLayer):
             restore_quantized(base, saved)
         else:
             base.weight.copy_(saved["weight"])
-            if saved["bias"] is None:
-                base.bias = None
-            else:
-                base.bias.copy_(saved["bias"])
+            restore_bias(base, saved["bias"], saved["bias_created"])
         self._before_merge = None
         self.requantization_error = None
         self.merged = False
@@ -247,7 +240,7 @@ class VeFABlackBox(BlackBoxAdapter):
         return self.base_layer(scaled_input(x, self.scale, self.shift, self.spatial_dims))
 
     def _merged(self, w0, b0):
-        dtype = _wide(w0, self.scale)
+        dtype = merge_dtype(w0, self.scale)
         return scale_input_channels(w0.to(dtype), b0, self.scale, self.shift, getattr(self.base_layer, "groups", 1))
 
 
@@ -294,7 +287,7 @@ class LoRFABlackBox(_LowRankBlackBox):
         return self.base_layer(x + self.scaling * delta)
 
     def _merged(self, w0, b0):
-        dtype = _wide(w0, self.lora_A)
+        dtype = merge_dtype(w0, self.lora_A)
         return map_input_channels(w0.to(dtype), [(self.lora_A, self.lora_B, self.scaling)]), None
 
 
@@ -327,7 +320,7 @@ class LoRABlackBox(_LowRankBlackBox):
         return y + (self.scaling * delta).to(y.dtype)
 
     def _merged(self, w0, b0):
-        dtype = _wide(w0, self.lora_A)
+        dtype = merge_dtype(w0, self.lora_A)
         delta = self.lora_B.to(dtype) @ self.lora_A.to(dtype).flatten(1)
         return w0.to(dtype) + self.scaling * delta.view(w0.shape), None
 

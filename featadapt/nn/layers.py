@@ -16,7 +16,7 @@ from torch import nn
 from ..ops import lora_linear, lorfa_linear, vefa_linear
 from ..ops.validation import check_dropout
 from .adapter import AdapterLayer
-from .bases import is_conv1d, is_linear_base
+from .bases import is_conv1d, is_linear_base, merge_dtype, restore_bias, write_merged_bias
 
 
 def is_supported_base(module):
@@ -36,11 +36,6 @@ def _adapter_dtype(base_weight, dtype):
     if base_weight.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return base_weight.dtype
-
-
-def _wide_dtype(*tensors):
-    """float32, or float64 when any tensor is: the dtype merges are computed in."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class AdapterLinear(AdapterLayer):
@@ -163,12 +158,9 @@ class AdapterLinear(AdapterLayer):
         self.weight_before_merge = base.weight.detach().clone()
         w0.copy_(new_weight)  # through the (N, K) view: into the base layer's own layout
         if new_bias is not None:
-            if base.bias is None:
-                base.bias = nn.Parameter(new_bias.to(base.weight.dtype), requires_grad=False)
-                self._bias_created_by_merge = True
-            else:
+            if base.bias is not None:
                 self.bias_before_merge = base.bias.detach().clone()
-                base.bias.copy_(new_bias)
+            self._bias_created_by_merge = write_merged_bias(base, new_bias, base.weight.dtype)
         self.merged = True
 
     @torch.no_grad()
@@ -178,10 +170,7 @@ class AdapterLinear(AdapterLayer):
             return
         base = self.base_layer
         base.weight.copy_(self.weight_before_merge)
-        if self._bias_created_by_merge:
-            base.bias = None
-        elif self.bias_before_merge is not None:
-            base.bias.copy_(self.bias_before_merge)
+        restore_bias(base, self.bias_before_merge, self._bias_created_by_merge)
         self.weight_before_merge = None
         self.bias_before_merge = None
         self._bias_created_by_merge = False
@@ -220,13 +209,13 @@ class VeFALinear(AdapterLinear):
         return vefa_linear(x, self._w0(), self.scale, base.bias, self.shift, backend=self.backend)
 
     def _merged_weight(self, w0):
-        dtype = _wide_dtype(w0, self.scale)
+        dtype = merge_dtype(w0, self.scale)
         return w0.to(dtype) * self.scale.to(dtype)
 
     def _merged_bias(self, w0, b0):
         if self.shift is None:
             return None
-        dtype = _wide_dtype(w0, self.shift)
+        dtype = merge_dtype(w0, self.shift)
         shifted = w0.to(dtype) @ self.shift.to(dtype)
         return shifted if b0 is None else b0.to(dtype) + shifted
 
@@ -283,7 +272,7 @@ class LoRFALinear(_LowRankLinear):
         )
 
     def _merged_weight(self, w0):
-        dtype = _wide_dtype(w0, self.lora_A)
+        dtype = merge_dtype(w0, self.lora_A)
         A, B = self._factors(dtype)
         w0 = w0.to(dtype)
         return w0 + self.scaling * ((w0 @ B) @ A)  # never forms the K×K matrix B A
@@ -305,7 +294,7 @@ class LoRALinear(_LowRankLinear):
         )
 
     def _merged_weight(self, w0):
-        dtype = _wide_dtype(w0, self.lora_A)
+        dtype = merge_dtype(w0, self.lora_A)
         A, B = self._factors(dtype)
         return w0.to(dtype) + self.scaling * (B @ A)
 

@@ -27,10 +27,13 @@ from ...nn.bases import (
     dequantized_weight,
     guard_bnb_cpu_repacking,
     is_conv1d,
+    merge_dtype,
     quantized_description,
     requantize_merged,
+    restore_bias,
     restore_quantized,
     saved_original_weight,
+    write_merged_bias,
 )
 from ...nn.input_channels import check_shift_mergeable, map_input_channels, scale_input_channels
 from .mixed_batches import check_mixed_batch_args, mixed_batch_ids, shared_dropout
@@ -68,11 +71,6 @@ def unsupported_base_reason(module):
     if base_kind(module) is not None:
         return f"its class overrides the forward of {type(module).__mro__[1].__name__}"
     return f"featadapt's layers wrap {BASES}"
-
-
-def _wide_dtype(*tensors):
-    """float64 if any tensor is, else float32: the dtype merges are computed in."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _all_finite(weight, bias):
@@ -242,11 +240,7 @@ class FeatureAdapterLayer(BaseTunerLayer):
                 self.bias_before_merge = base.bias.detach().clone()
         self._as_nk(base.weight).copy_(weight.to(base.weight.dtype))  # through the view: the base's own layout
         if bias is not None:
-            if base.bias is None:
-                base.bias = nn.Parameter(bias.to(base.weight.dtype), requires_grad=False)
-                self._bias_created_by_merge = True
-            else:
-                base.bias.copy_(bias.to(base.bias.dtype))
+            self._bias_created_by_merge |= write_merged_bias(base, bias, base.weight.dtype)
 
     def _merge_requantized(self, base, weight, bias):
         if self._quantized_before_merge is not None:  # merging more adapters: start from the original again
@@ -271,10 +265,7 @@ class FeatureAdapterLayer(BaseTunerLayer):
             self.requantization_error = None
         else:
             base.weight.copy_(self.weight_before_merge)
-            if self._bias_created_by_merge:
-                base.bias = None
-            elif self.bias_before_merge is not None:
-                base.bias.copy_(self.bias_before_merge)
+            restore_bias(base, self.bias_before_merge, self._bias_created_by_merge)
             self.weight_before_merge = None
             self.bias_before_merge = None
             self._bias_created_by_merge = False
@@ -358,7 +349,7 @@ class VeFALayer(FeatureAdapterLayer):
         return scale, shift
 
     def _merged(self, w0, b0, adapters):
-        dtype = _wide_dtype(w0, self.vefa_scale[adapters[0]])
+        dtype = merge_dtype(w0, self.vefa_scale[adapters[0]])
         scale, shift = self._composed(adapters, dtype)
         return scale_input_channels(w0.to(dtype), b0, scale, shift, self.groups)
 
@@ -428,6 +419,6 @@ class LoRFALayer(FeatureAdapterLayer):
         return A, B, 1.0, ps[adapters[0]]
 
     def _merged(self, w0, b0, adapters):
-        dtype = _wide_dtype(w0, self.lorfa_A[adapters[0]])
+        dtype = merge_dtype(w0, self.lorfa_A[adapters[0]])
         factors = [(self.lorfa_A[name], self.lorfa_B[name], self.scaling[name]) for name in adapters]
         return map_input_channels(w0.to(dtype), factors), None
