@@ -63,7 +63,8 @@ def merges_low_rank_weight(m, n, k):
     return 2 * n * k < m * (n + k)
 
 
-def _reduction_dtype(*dtypes):
+def reduction_dtype(*dtypes):
+    """The dtype parameter-gradient sums are taken in: float32, or float64 with a float64 input."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
@@ -91,7 +92,7 @@ def vefa_input_grads(g, x, scale, need_scale, need_shift):
     the fused kernel does all three in one pass over g and x, elsewhere torch
     ops do (converting the product to float32 when x is half precision).
     """
-    reduce_dtype = _reduction_dtype(x.dtype, scale.dtype)
+    reduce_dtype = reduction_dtype(x.dtype, scale.dtype)
     if reduce_dtype == torch.float32 and cpu_kernels.takes_vefa_input_grads(g, x, scale):
         ds, dt = cpu_kernels.vefa_input_grads(g, x, scale, need_shift)
         return g, ds if need_scale else None, dt

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .dropout import apply_dropout
+from .torch_backend import reduction_dtype
 
 GATHER = "gather"
 GROUPED = "grouped"
@@ -44,10 +45,6 @@ CHUNK_ELEMENTS = 1 << 20
 def low_rank_plan(m, r, k, b_rows):
     """GATHER while the per-row factor copies (M·r·(K + b_rows)) fit GATHER_BUDGET, else GROUPED."""
     return GATHER if m * r * (k + b_rows) <= GATHER_BUDGET else GROUPED
-
-
-def _reduction_dtype(*dtypes):
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 class RowGroups:
@@ -124,7 +121,7 @@ def expand_into(rows, target, u, factor, gamma=None):
 def outer_sums(rows, a, b):
     """For each adapter, Σ over its rows of a_iᵀ b_i: (n, P, Q) for a (M, P) and
     b (M, Q), in float32 (float64 for float64 inputs); rows with id -1 add nothing."""
-    dtype = _reduction_dtype(a.dtype, b.dtype)
+    dtype = reduction_dtype(a.dtype, b.dtype)
     shape = (a.shape[1], b.shape[1])
     if rows.plan == GATHER:
         # slot 0 collects the rows without an adapter and is dropped
@@ -157,7 +154,7 @@ def vefa_indexed_backward(ctx, dy):
     dx = dweight = dbias = dscale = dshift = None
     if need_x or need_scale or need_shift:
         g = dy @ weight  # gradient w.r.t. each row's scaled input
-        reduce_dtype = _reduction_dtype(x.dtype, scale.dtype)
+        reduce_dtype = reduction_dtype(x.dtype, scale.dtype)
         slots = ids + 1  # slot 0 collects the rows without an adapter and is dropped
         sums = (scale.shape[0] + 1, scale.shape[1])
         if need_scale:
