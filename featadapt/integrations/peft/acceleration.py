@@ -10,12 +10,12 @@ from peft.tuners.ia3.layer import Linear as _IA3Linear
 from peft.tuners.lora.layer import Linear as _LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ...nn.bases import LINEAR, is_conv1d
 from ...ops import get_backend, lora_linear, vefa_linear
 from ...ops.stacking import stack_low_rank
 from .fused import LoRFAPeftLinear, VeFAPeftLinear
-from .layers import FeatureAdapterLayer
+from .layers import FeatureAdapterLayer, peft_base_kind
 from .mixed_batches import mixed_batch_rows
 
 def _check_backend(owner, backend):
@@ -81,16 +81,10 @@ _IA3, _LORA = "ia3", "lora"
 
 
 def _is_plain_linear(module):
-    """An nn.Linear whose forward is nn.Linear's and whose weight is a float tensor:
-    what the fused ops can stand in for. Quantized linears (e.g. bitsandbytes)
-    subclass nn.Linear with their own forward; nn.MultiheadAttention reads its
-    out_proj's weight directly, bypassing any adapter."""
-    return (
-        isinstance(module, nn.Linear)
-        and not isinstance(module, NonDynamicallyQuantizableLinear)
-        and type(module).forward is nn.Linear.forward
-        and module.weight.is_floating_point()
-    )
+    """An nn.Linear the fused ops can stand in for: a plain floating-point weight
+    and nn.Linear's own forward (what featadapt's PEFT layers put on the fused
+    ops, less transformers' Conv1D, whose weight PEFT's layers read transposed)."""
+    return peft_base_kind(module) == LINEAR and not is_conv1d(module)
 
 
 def _adapter_problem(layer, kind, adapter):
