@@ -40,17 +40,22 @@ def _panels(rows):
     return panels
 
 
-def markdown(results):
-    """The README's tables: forward+backward per layer, and end to end."""
-    env = results["environment"]
+def _header(env):
+    """The lines that say where and when a results file was measured."""
     lines = [
         f"Device: {env['device']}; torch {env['torch']}, peft {env['peft']}; "
         f"{env['date'][:10]}, featadapt {env['featadapt_revision'][:12]}.",
     ]
     if env.get("machine_load"):
         one, five, fifteen = env["machine_load"]
-        lines.append(f"Load average at the end of the run (other work on the same cores): "
+        lines.append(f"Load average at the end of the run (the benchmark's own threads included): "
                      f"{one:.1f} (1 min), {five:.1f} (5 min), {fifteen:.1f} (15 min).")
+    return lines
+
+
+def markdown(results):
+    """The README's tables: forward+backward per layer, and end to end."""
+    lines = _header(results["environment"])
     lines += [
         "",
         "| layer | dtype | shape (M, K, N) | time / floor | time / peer | saved bytes / bytes(x) |",
@@ -98,13 +103,8 @@ def markdown(results):
 def multi_adapter_markdown(results):
     """The README's tables of a mixed-adapter results file (benchmarks/test_multi_adapter.py):
     time as a multiple of the frozen layer's (model: the plain model's), per variant and n."""
-    env, case = results["environment"], results["environment"]["case"]
-    lines = [f"Device: {env['device']}; torch {env['torch']}, peft {env['peft']}; "
-             f"{env['date'][:10]}, featadapt {env['featadapt_revision'][:12]}."]
-    if env.get("machine_load"):
-        one, five, fifteen = env["machine_load"]
-        lines.append(f"Load average at the end of the run: {one:.1f} (1 min), {five:.1f} (5 min), "
-                     f"{fifteen:.1f} (15 min).")
+    case = results["environment"]["case"]
+    lines = _header(results["environment"])
     titles = {
         "layer": f"one layer, K = N = {case['features']}, r = {case['rank']}",
         "model": f"GPT-2 from a config, {case['model_layers']} layers, width {case['model_width']}, r = {case['rank']}",
