@@ -145,6 +145,15 @@ def adapted(model_id, cls, kwargs, init_weights=False, dtype=torch.float32, **pe
     return get_peft_model(build(model_id, dtype), config_for(cls, kwargs, init_weights), **peft_kwargs)
 
 
+def with_other_adapter(model_id, cls, kwargs, seed):
+    """An adapted model in eval mode (adapter "default", active) with a second
+    random adapter "other" added with the same config."""
+    model = adapted(model_id, cls, kwargs).eval()
+    torch.manual_seed(seed)
+    model.add_adapter("other", config_for(cls, kwargs, init_weights=False))
+    return model
+
+
 def run(model, model_id, dtype=torch.float32):
     return model(**inputs(model_id, dtype))
 
@@ -322,9 +331,7 @@ def test_disable_adapter_gives_the_base_output_merged_or_not(model_id, cls, kwar
 def test_two_active_adapters_compose_as_their_merge(model_id, cls, kwargs):
     if kwargs.get("modules_to_save"):
         pytest.skip("PEFT allows one active adapter at a time in a module of modules_to_save")
-    model = adapted(model_id, cls, kwargs).eval()
-    torch.manual_seed(7)
-    model.add_adapter("other", config_for(cls, kwargs, init_weights=False))
+    model = with_other_adapter(model_id, cls, kwargs, seed=7)
     alone = run(model, model_id)
     model.base_model.set_adapter(["default", "other"])
     both = run(model, model_id)
@@ -418,9 +425,7 @@ def test_half_precision_forward_merge_and_unload(model_id, cls, kwargs, dtype):
 def test_mixed_adapter_batch_equals_each_adapter_alone(model_id, cls, kwargs):
     if kwargs.get("modules_to_save"):
         pytest.skip("modules_to_save with mixed batches is covered by tests/test_peft_mixed_batches.py")
-    model = adapted(model_id, cls, kwargs).eval()
-    torch.manual_seed(11)
-    model.add_adapter("other", config_for(cls, kwargs, init_weights=False))
+    model = with_other_adapter(model_id, cls, kwargs, seed=11)
     X = inputs(model_id)["X"]
     per_sample = {"default": run(model, model_id)}
     model.set_adapter("other")
@@ -455,18 +460,14 @@ def test_the_rows_for_peft_own_suite_build_their_configs():
 @pytest.mark.parametrize("model_id", ["Conv2d", "Conv3d", "EmbConv1D"])
 def test_add_weighted_adapter_on_convolution_and_conv1d_bases(model_id):
     target = ["conv1d"] if model_id == "EmbConv1D" else ["conv"]
-    lorfa = adapted(model_id, LoRFAConfig, {"target_modules": target, "r": 2}).eval()
-    torch.manual_seed(5)
-    lorfa.add_adapter("other", config_for(LoRFAConfig, {"target_modules": target, "r": 2}, init_weights=False))
+    lorfa = with_other_adapter(model_id, LoRFAConfig, {"target_modules": target, "r": 2}, seed=5)
     lorfa.base_model.set_adapter(["default", "other"])
     both = run(lorfa, model_id)
     lorfa.add_weighted_adapter(["default", "other"], [1.0, 1.0], "sum")  # the low-rank maps add up exactly
     lorfa.set_adapter("sum")
     assert rel_err(run(lorfa, model_id), both) < 1e-5
 
-    vefa = adapted(model_id, VeFAConfig, {"target_modules": target}).eval()
-    torch.manual_seed(6)
-    vefa.add_adapter("other", config_for(VeFAConfig, {"target_modules": target}, init_weights=False))
+    vefa = with_other_adapter(model_id, VeFAConfig, {"target_modules": target}, seed=6)
     vefa.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mean")
     vefa.set_adapter("mean")
     layer = vefa.get_base_model().get_submodule(target[0])

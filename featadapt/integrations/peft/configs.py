@@ -10,7 +10,7 @@ from peft.utils import PeftType
 
 from . import peft_types  # noqa: F401  (adds PeftType.VEFA and PeftType.LORFA)
 
-def _check_bool(owner, name, value):
+def check_bool(owner, name, value):
     if not isinstance(value, bool):
         raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
 
@@ -96,8 +96,8 @@ class VeFAConfig(_TargetedConfig):
         super().__post_init__()
         self.peft_type = PeftType.VEFA
         _check_targets("VeFAConfig", self)
-        _check_bool("VeFAConfig", "shift", self.shift)
-        _check_bool("VeFAConfig", "init_weights", self.init_weights)
+        check_bool("VeFAConfig", "shift", self.shift)
+        check_bool("VeFAConfig", "init_weights", self.init_weights)
 
 
 @dataclass
@@ -143,6 +143,6 @@ class LoRFAConfig(_TargetedConfig):
         p = self.lora_dropout
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
             raise ValueError(f"{owner}: lora_dropout must be a number in [0, 1), got {p!r}")
-        _check_bool(owner, "use_rslora", self.use_rslora)
-        _check_bool(owner, "init_weights", self.init_weights)
+        check_bool(owner, "use_rslora", self.use_rslora)
+        check_bool(owner, "init_weights", self.init_weights)
         _check_targets(owner, self)

@@ -17,17 +17,12 @@ from torch import nn
 
 from ...nn.bases import LINEAR, guard_bnb_cpu_repacking
 from .black_box import LoRFAPeftBlackBox, VeFAPeftBlackBox
-from .configs import LoRFAConfig, VeFAConfig
+from .configs import LoRFAConfig, VeFAConfig, check_bool
 from .fused import LoRFAPeftLinear, VeFAPeftLinear
 from .layers import BASES, FeatureAdapterLayer, LoRFALayer, VeFALayer, peft_base_kind, unsupported_base_reason
 from .mixed_batches import BASE_NAME
 from .peft_types import peft_type_member
 from .weighted import add_weighted_lorfa, add_weighted_vefa
-
-
-def _check_flag(owner, name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
 
 
 class _FeatureAdapterModel(BaseTuner):
@@ -84,8 +79,8 @@ class _FeatureAdapterModel(BaseTuner):
             dequantized weight first, so the adapters are folded in exactly and
             the returned model has full-precision layers there.
         """
-        _check_flag("merge_and_unload", "requantize", requantize)
-        _check_flag("merge_and_unload", "dequantize", dequantize)
+        check_bool("merge_and_unload", "requantize", requantize)
+        check_bool("merge_and_unload", "dequantize", dequantize)
         if requantize and dequantize:
             raise ValueError("merge_and_unload: pass requantize=True or dequantize=True, not both")
         layers = [m for m in self.model.modules() if isinstance(m, FeatureAdapterLayer)]
