@@ -99,7 +99,11 @@ def extension_modules():
             sources=SOURCES,
             # For ops.cpp (c++) only: nvcc splits a -D value at commas, and torch
             # 2.11 hands define_macros to nvcc too ("macro names must be identifiers").
-            extra_compile_args={"cxx": [*cxx, f"-DFEATADAPT_CUDA_ARCH_LIST={arch_list}"], "nvcc": nvcc},
+            # -fopenmp: at::parallel_for in the CPU kernels runs its threads
+            # only when compiled with OpenMP (else it is a serial loop); the
+            # extension then shares the OpenMP runtime torch has loaded.
+            extra_compile_args={"cxx": [*cxx, "-fopenmp", f"-DFEATADAPT_CUDA_ARCH_LIST={arch_list}"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
         )
     ]
 

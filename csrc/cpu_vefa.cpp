@@ -5,52 +5,27 @@
 // scaling pass; here each element of g and x is read once, converted to float32
 // in registers, and the sums accumulate in float32 per thread.
 //
-// The row loop is compiled for several instruction sets (GCC target_clones)
-// and the best one the CPU has is chosen at load time, so the extension still
-// runs on CPUs without AVX-512.
+// The row loop is written once with vector types (cpu_vefa_loop.h, on
+// cpu_simd.h) and compiled for AVX2 and AVX-512; the widest one the CPU has
+// runs, and CPUs with neither (or other compilers) get a scalar loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <cstdint>
-#include <cstring>
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
-#include <vector>
+#include <type_traits>
+
+#include "cpu_simd.h"
 
 namespace featadapt {
 namespace {
 
 using at::Tensor;
-
-// Inlined into each instruction-set clone below, so each is compiled for it.
-#if defined(__GNUC__)
-#define FEATADAPT_INLINE inline __attribute__((always_inline))
-#else
-#define FEATADAPT_INLINE inline
-#endif
-
-// bfloat16 <-> float32 on the raw bits, written so that the compiler
-// vectorises the loops below (c10::BFloat16's conversions do not).
-FEATADAPT_INLINE float load_float(const c10::BFloat16& v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-FEATADAPT_INLINE float load_float(const float& v) { return v; }
-FEATADAPT_INLINE float load_float(const c10::Half& v) { return static_cast<float>(v); }
-
-FEATADAPT_INLINE void store_float(c10::BFloat16& out, float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // to nearest even
-  out.x = f != f ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);  // NaN stays NaN
-}
-FEATADAPT_INLINE void store_float(float& out, float f) { out = f; }
-FEATADAPT_INLINE void store_float(c10::Half& out, float f) { out = static_cast<c10::Half>(f); }
+using cpu::Capability;
+using cpu::load_float;
+using cpu::store_float;
 
 // One row: dx = g ⊙ s over g, ds += g ⊙ x, dt += g.
 template <typename T, bool kShift>
@@ -97,8 +72,8 @@ FEATADAPT_INLINE void vefa_rows_of(T* g, int64_t gs, const T* x, int64_t xs, con
 }
 
 template <typename T>
-FEATADAPT_INLINE void vefa_rows(T* g, int64_t gs, const T* x, int64_t xs, const float* s, int64_t k,
-                                int64_t rows, float* ds, float* dt) {
+void scalar_rows(T* g, int64_t gs, const T* x, int64_t xs, const float* s, int64_t k, int64_t rows, float* ds,
+                 float* dt) {
   if (dt != nullptr) {
     vefa_rows_of<T, true>(g, gs, x, xs, s, k, rows, ds, dt);
   } else {
@@ -106,28 +81,41 @@ FEATADAPT_INLINE void vefa_rows(T* g, int64_t gs, const T* x, int64_t xs, const 
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FEATADAPT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FEATADAPT_CPU_CLONES
+// The vector loop (cpu_vefa_loop.h), compiled for AVX2 and for AVX-512.
+#ifdef FEATADAPT_X86_SIMD
+FEATADAPT_SIMD_BEGIN_AVX2
+namespace avx2 {
+using namespace cpu::avx2;
+#include "cpu_vefa_loop.h"
+}  // namespace avx2
+FEATADAPT_SIMD_END
+
+FEATADAPT_SIMD_BEGIN_AVX512
+namespace avx512 {
+using namespace cpu::avx512;
+#include "cpu_vefa_loop.h"
+}  // namespace avx512
+FEATADAPT_SIMD_END
 #endif
 
-// One non-template function per dtype: target_clones does not take templates.
-FEATADAPT_CPU_CLONES void rows_bf16(c10::BFloat16* g, int64_t gs, const c10::BFloat16* x, int64_t xs,
-                                    const float* s, int64_t k, int64_t rows, float* ds, float* dt) {
-  vefa_rows(g, gs, x, xs, s, k, rows, ds, dt);
-}
-FEATADAPT_CPU_CLONES void rows_f16(c10::Half* g, int64_t gs, const c10::Half* x, int64_t xs, const float* s,
-                                   int64_t k, int64_t rows, float* ds, float* dt) {
-  vefa_rows(g, gs, x, xs, s, k, rows, ds, dt);
-}
-FEATADAPT_CPU_CLONES void rows_f32(float* g, int64_t gs, const float* x, int64_t xs, const float* s, int64_t k,
-                                   int64_t rows, float* ds, float* dt) {
-  vefa_rows(g, gs, x, xs, s, k, rows, ds, dt);
+template <typename T>
+using RowsFn = void (*)(T*, int64_t, const T*, int64_t, const float*, int64_t, int64_t, float*, float*);
+
+// The row loop for T at this capability (float16 has only the scalar one).
+template <typename T>
+RowsFn<T> rows_for(Capability cap) {
+#ifdef FEATADAPT_X86_SIMD
+  if constexpr (!std::is_same_v<T, c10::Half>) {
+    if (cap == Capability::kAvx512) return avx512::rows<T>;
+    if (cap == Capability::kAvx2) return avx2::rows<T>;
+  }
+#endif
+  return scalar_rows<T>;
 }
 
-template <typename T, typename Rows>
-void run(Tensor& g, const Tensor& x, const Tensor& scale, float* ds, float* dt, int64_t threads, Rows rows) {
+template <typename T>
+void run(Tensor& g, const Tensor& x, const Tensor& scale, float* ds, float* dt, int64_t threads) {
+  const RowsFn<T> rows = rows_for<T>(cpu::capability());
   const int64_t m = g.size(0), k = g.size(1);
   T* g_ptr = g.data_ptr<T>();
   const T* x_ptr = x.data_ptr<T>();
@@ -166,9 +154,9 @@ std::tuple<Tensor, Tensor> vefa_input_grads_cpu(Tensor& g, const Tensor& x, cons
   float* ds = ds_parts.data_ptr<float>();
   float* dt = need_shift ? dt_parts.data_ptr<float>() : nullptr;
   switch (g.scalar_type()) {
-    case at::kBFloat16: run<c10::BFloat16>(g, x, scale, ds, dt, threads, rows_bf16); break;
-    case at::kHalf: run<c10::Half>(g, x, scale, ds, dt, threads, rows_f16); break;
-    case at::kFloat: run<float>(g, x, scale, ds, dt, threads, rows_f32); break;
+    case at::kBFloat16: run<c10::BFloat16>(g, x, scale, ds, dt, threads); break;
+    case at::kHalf: run<c10::Half>(g, x, scale, ds, dt, threads); break;
+    case at::kFloat: run<float>(g, x, scale, ds, dt, threads); break;
     default:
       TORCH_CHECK(false, op, ": expected float32, float16 or bfloat16 tensors, got ", g.scalar_type());
   }

@@ -9,6 +9,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,6 +19,9 @@
 #include <atomic>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+#include "cpu_simd.h"
 
 #include "kernels.h"
 
@@ -335,9 +339,40 @@ TORCH_LIBRARY_IMPL(featadapt, CUDA, m) {
 #define FEATADAPT_CUDA_ARCH_LIST
 #endif
 
+// _C.cpu_capability(): the instruction set the CPU kernels use in this call's
+// environment (cpu_simd.h), so that tests and `featadapt.info` can say which.
+static PyObject* cpu_capability(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(featadapt::cpu::kCapabilityNames[static_cast<int>(featadapt::cpu::capability())]);
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_ValueError, error.what());
+    return nullptr;
+  }
+}
+
+// _C.parallel_threads(): how many threads at::parallel_for runs here, as the
+// CPU kernels use it. Without OpenMP at build time it is a serial loop (1), a
+// regression no result would show, so the tests check this.
+static PyObject* parallel_threads(PyObject*, PyObject*) {
+  const int64_t tasks = at::get_num_threads();
+  std::vector<std::atomic<int>> seen(static_cast<size_t>(tasks));
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen[at::get_thread_num() % tasks].store(1); });
+  long used = 0;
+  for (const auto& s : seen) used += s.load();
+  return PyLong_FromLong(used);
+}
+
+static PyMethodDef featadapt_c_methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The instruction set featadapt's CPU kernels use here: default, avx2 or avx512."},
+    {"parallel_threads", parallel_threads, METH_NOARGS,
+     "How many threads at::parallel_for runs in featadapt's CPU kernels (torch.get_num_threads() when built with OpenMP)."},
+    {nullptr, nullptr, 0, nullptr}};
+
 static PyModuleDef featadapt_c_module = {
-    PyModuleDef_HEAD_INIT, "_C", "featadapt's CUDA kernels: importing this registers the featadapt::cuda_* ops.", -1,
-    nullptr};
+    PyModuleDef_HEAD_INIT, "_C",
+    "featadapt's kernels: importing this registers the featadapt::cuda_* and CPU ops.", -1,
+    featadapt_c_methods};
 
 PyMODINIT_FUNC PyInit__C() {
   PyObject* module = PyModule_Create(&featadapt_c_module);

@@ -4,6 +4,7 @@ import platform
 
 import torch
 
+from .kernels import cpu as cpu_kernels
 from .kernels import cuda as cuda_kernels
 from .ops.dispatch import ENV_VAR, backends, requested_backend_name
 from .version import __version__
@@ -35,6 +36,15 @@ def _extension():
     return f"built for compute capabilities {archs} (PTX for the newest)"
 
 
+def _cpu_kernel():
+    if not cpu_kernels.BUILT:
+        return "not built (the torch backend uses torch ops)"
+    try:
+        return f"{cpu_kernels.capability()} loops ({cpu_kernels.CAPABILITY_ENV_VAR} caps the choice)"
+    except ValueError as error:
+        return str(error)
+
+
 def report():
     """The report as text."""
     lines = [
@@ -43,6 +53,7 @@ def report():
         f"torch     {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton    {_module_version('triton')}",
         f"featadapt._C {_extension()}",
+        f"CPU kernel   {_cpu_kernel()}",
         "devices:",
     ]
     lines += [f"  {d}" for d in _devices()]

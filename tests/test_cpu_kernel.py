@@ -1,7 +1,8 @@
 """The fused CPU kernel of the torch backend (featadapt::vefa_input_grads_cpu,
 csrc/cpu_vefa.cpp): VeFA's dx = g ⊙ s, ds = Σ_m g ⊙ x and dt = Σ_m g in one
-pass, against float64, on odd shapes and strided rows; the torch backend uses
-it where it applies and gives the same gradients through torch ops without it."""
+pass, against float64, on odd shapes and strided rows, for every instruction
+set this CPU has (FEATADAPT_CPU_CAPABILITY); the torch backend uses it where
+it applies and gives the same gradients through torch ops without it."""
 
 import pytest
 import torch
@@ -13,7 +14,25 @@ from helpers import TOL, rel_err
 
 built = pytest.mark.skipif(not cpu.BUILT, reason="featadapt._C is not built (the torch ops are the fallback)")
 
-SHAPES = [(0, 17), (1, 17), (3, 257), (97, 17), (1025, 257)]
+SHAPES = [(0, 17), (1, 17), (3, 257), (97, 17), (1025, 257), (5, 16), (4, 8)]
+
+
+def _best_capability(monkeypatch):
+    monkeypatch.delenv(cpu.CAPABILITY_ENV_VAR, raising=False)
+    return cpu.capability()
+
+
+@pytest.fixture(params=cpu.CAPABILITIES)
+def capability(request, monkeypatch):
+    """Each instruction set's loop in turn; those this CPU lacks are skipped."""
+    if not cpu.BUILT:
+        pytest.skip("featadapt._C is not built")
+    best = _best_capability(monkeypatch)
+    if cpu.CAPABILITIES.index(request.param) > cpu.CAPABILITIES.index(best):
+        pytest.skip(f"this CPU's widest instruction set for the kernel is {best}")
+    monkeypatch.setenv(cpu.CAPABILITY_ENV_VAR, request.param)
+    assert cpu.capability() == request.param
+    return request.param
 
 
 def _inputs(m, k, dtype, row_stride=None):
@@ -28,7 +47,7 @@ def _inputs(m, k, dtype, row_stride=None):
 @pytest.mark.parametrize("need_shift", [True, False], ids=["shift", "noshift"])
 @pytest.mark.parametrize("dtype", cpu.DTYPES, ids=str)
 @pytest.mark.parametrize("m,k", SHAPES, ids=[f"M{m}-K{k}" for m, k in SHAPES])
-def test_kernel_matches_float64(m, k, dtype, need_shift):
+def test_kernel_matches_float64(m, k, dtype, need_shift, capability):
     g, x, scale = _inputs(m, k, dtype, row_stride=k + 5)
     dx = g.clone()
     ds, dt = cpu.vefa_input_grads(dx, x, scale, need_shift)
@@ -36,6 +55,8 @@ def test_kernel_matches_float64(m, k, dtype, need_shift):
     assert ds.dtype == torch.float32 and ds.shape == (k,)
     assert rel_err(ds, (g64 * x64).sum(0)) <= 1e-5  # float32 sums of exact products
     assert rel_err(dx, g64 * s64) <= TOL[dtype]
+    # each element of dx is the float32 product rounded once (to nearest even)
+    assert torch.equal(dx, (g.float() * scale).to(dtype))
     assert dx.dtype == dtype
     if need_shift:
         assert dt.dtype == torch.float32 and rel_err(dt, g64.sum(0)) <= 1e-5
@@ -44,7 +65,7 @@ def test_kernel_matches_float64(m, k, dtype, need_shift):
 
 
 @built
-def test_kernel_splits_rows_across_threads():
+def test_kernel_splits_rows_across_threads(capability):
     """Sums of every thread's rows are combined, whatever the thread count."""
     g, x, scale = _inputs(1025, 257, torch.float32)
     before = torch.get_num_threads()
@@ -62,13 +83,15 @@ def test_kernel_splits_rows_across_threads():
 
 @built
 @pytest.mark.parametrize("dtype", cpu.DTYPES, ids=str)
-def test_kernel_propagates_nan(dtype):
+def test_kernel_propagates_nan(dtype, capability):
     g, x, scale = _inputs(6, 17, dtype)
     x[2, 3] = float("nan")
-    g[4, 5] = float("nan")
+    g[4, 5] = float("nan")  # a vector lane
+    g[1, 16] = float("nan")  # a column past the last whole vector
     dx = g.clone()
     ds, dt = cpu.vefa_input_grads(dx, x, scale, True)
     assert ds[3].isnan() and ds[5].isnan() and dt[5].isnan() and dx[4, 5].isnan()
+    assert ds[16].isnan() and dt[16].isnan() and dx[1, 16].isnan()
     assert torch.isfinite(ds[[0, 1, 2, 4]]).all()
 
 
@@ -84,6 +107,45 @@ def test_kernel_names_the_bad_argument():
         op(g, x.T.contiguous().T, scale, False)
     with pytest.raises(RuntimeError, match=r"scale must be a contiguous float32 vector of size 8"):
         op(g, x, scale[:4], False)
+
+
+@built
+def test_kernel_runs_on_every_thread():
+    """at::parallel_for is a serial loop unless the extension is built with OpenMP."""
+    from featadapt.kernels.cuda import _C
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert _C.parallel_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@built
+def test_capability_names_a_bad_setting(monkeypatch):
+    best = _best_capability(monkeypatch)
+    assert best in cpu.CAPABILITIES
+    monkeypatch.setenv(cpu.CAPABILITY_ENV_VAR, "sse9")
+    with pytest.raises(ValueError, match=r"FEATADAPT_CPU_CAPABILITY must be one of default, avx2, avx512, got 'sse9'"):
+        cpu.capability()
+    g, x, scale = _inputs(3, 8, torch.float32)
+    with pytest.raises(RuntimeError, match=r"got 'sse9'"):
+        cpu.vefa_input_grads(g, x, scale, False)
+
+
+def test_info_names_the_cpu_kernels_instruction_set(monkeypatch):
+    from featadapt.info import report
+
+    monkeypatch.delenv(cpu.CAPABILITY_ENV_VAR, raising=False)
+    line = next(line for line in report().splitlines() if line.startswith("CPU kernel"))
+    if cpu.BUILT:
+        assert f"{cpu.capability()} loops" in line
+        monkeypatch.setenv(cpu.CAPABILITY_ENV_VAR, "default")
+        assert "default loops" in next(line for line in report().splitlines() if line.startswith("CPU kernel"))
+    else:
+        assert "not built" in line
 
 
 def _vefa_grads(t):

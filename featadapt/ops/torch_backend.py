@@ -133,16 +133,14 @@ class VeFAFunction(torch.autograd.Function):
         return dx, dweight, dbias, dscale, dshift
 
 
-def _low_rank_factors(weight, A, B, scaling, form):
-    """(γ C, A) with C = B for LoRA and C = W0 B for LoRFA, in the weight's dtype."""
-    C = B if form == LORA else weight @ B
-    return C * scaling, A
+def _low_rank_C(weight, B, form):
+    """C of DESIGN.md's shared form: B for LoRA, W0 B (N×r) for LoRFA."""
+    return B if form == LORA else weight @ B
 
 
-def _merged_weight(weight, A, B, scaling, form):
+def _merged_weight(weight, C, A, scaling):
     """W0 + γ C A: LoRA's W0 + γ B A, LoRFA's W0 (I + γ B A)."""
-    gamma_C, A = _low_rank_factors(weight, A, B, scaling, form)
-    return torch.addmm(weight, gamma_C, A)
+    return torch.addmm(weight, C, A, alpha=scaling)
 
 
 def _add_low_rank_term(y, u, C, scaling):
@@ -168,12 +166,11 @@ class LowRankFunction(torch.autograd.Function):
         u = apply_dropout(x, dropout_p, dropout_seed) @ A.T
         merged = merges_low_rank_weight(x.shape[0], weight.shape[0], weight.shape[1]) and dropout_p == 0.0
         if merged:
-            y = F.linear(x, _merged_weight(weight, A, B, scaling, form), bias)
+            y = F.linear(x, _merged_weight(weight, _low_rank_C(weight, B, form), A, scaling), bias)
         elif form == LORFA_INPUT:
             y = F.linear(torch.addmm(x, u, B.T, alpha=scaling), weight, bias)
         else:
-            C = B if form == LORA else weight @ B
-            y = _add_low_rank_term(F.linear(x, weight, bias), u, C, scaling)
+            y = _add_low_rank_term(F.linear(x, weight, bias), u, _low_rank_C(weight, B, form), scaling)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u)
         ctx.scaling, ctx.dropout_p, ctx.dropout_seed = scaling, dropout_p, dropout_seed
         ctx.form, ctx.merged = form, merged
@@ -192,23 +189,23 @@ class LowRankFunction(torch.autograd.Function):
         # (input form: g = dy W0 is ∂L/∂x̃) or at y (merged and output forms).
         g = None
         if ctx.merged:
-            gamma_C, _ = _low_rank_factors(weight, A, B, scaling, form)
-            du = dy @ gamma_C
+            C = _low_rank_C(weight, B, form)
+            du = (dy @ C).mul_(scaling)
             if need_x:
-                dx = dy @ torch.addmm(weight, gamma_C, A)  # dy (W0 + γ C A)
+                dx = dy @ _merged_weight(weight, C, A, scaling)  # dy (W0 + γ C A)
         elif form == LORFA_INPUT:
             g = dy @ weight
             du = (g @ B).mul_(scaling)
         else:
             g = dy @ weight if need_x else None
-            C = B if form == LORA else weight @ B
-            du = (dy @ C).mul_(scaling)
+            du = (dy @ _low_rank_C(weight, B, form)).mul_(scaling)
         if need_B:
+            # gᵀ u and dyᵀ u as (uᵀ g)ᵀ and (uᵀ dy)ᵀ: the orientation the CPU's GEMMs run fastest
             if form == LORFA_INPUT and not ctx.merged:
-                dB = (g.T @ u).mul_(scaling)
+                dB = (u.T @ g).mul_(scaling).T.contiguous()
             else:
-                dC = (dy.T @ u).mul_(scaling)
-                dB = dC if form == LORA else weight.T @ dC
+                dC = (u.T @ dy).mul_(scaling).T
+                dB = dC.contiguous() if form == LORA else weight.T @ dC
         if need_A:
             dA = du.T @ apply_dropout(x, p, seed)
         if need_x and g is not None:
