@@ -332,7 +332,9 @@ TORCH_LIBRARY_IMPL(featadapt, CUDA, m) {
   m.impl("cuda_low_rank_dy_grads", &featadapt::low_rank_dy_grads);
 }
 
-// `import featadapt._C` loads this library, which registers the ops above.
+// `import featadapt._C` loads this library, which registers the ops above (and,
+// from cpu_*.cpp, the CPU ops); the module itself carries what Python reads
+// of the build: its CUDA architectures and the CPU kernels' capability and threads.
 // FEATADAPT_CUDA_ARCH_LIST (set by setup.py, e.g. 80,90) is the list of
 // compute capabilities the kernels were compiled for.
 #ifndef FEATADAPT_CUDA_ARCH_LIST
