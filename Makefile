@@ -42,10 +42,11 @@ plot: $(STAMP)
 	tools/install-env.sh $(PY) bench
 	for f in benchmarks/results/*.json; do $(PY) benchmarks/plot.py $$f; done
 
-# On a machine with a GPU, one command that fits one device command (≤ 8 min
-# on an H200): build, gpu tests, headline benchmarks, compute-sanitizer, the
-# other benchmarks, each stage capped; results into RESULTS (tools/gpu-check.sh).
-# GPU_CHECK_ARGS=--dry-run runs it here, skipping what needs the GPU.
+# On a machine with a GPU, one command that fits one device command (≤ 6 min
+# on a cold H100/H200): build (in the background), self-check, headline
+# benchmarks, compute-sanitizer, gpu tests, each stage capped, then the
+# dispatch table from what was measured; results into RESULTS (tools/gpu-check.sh).
+# GPU_CHECK_ARGS=--dry-run runs the CPU-side part of each stage here.
 RESULTS ?= gpu-results
 gpu-check:
 	PY=$(PY) PYTHON=$(PYTHON) tools/gpu-check.sh $(GPU_CHECK_ARGS) $(RESULTS)

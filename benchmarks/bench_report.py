@@ -121,6 +121,8 @@ def environment(device, set_name):
     return {
         "device": device_name(device),
         "device_type": device.type,
+        # the dispatch table's device class (tools/write_dispatch_table.py)
+        "compute_capability": ("%d.%d" % torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
         "cpu_features": cpu_features() if device.type == "cpu" else None,
         "machine_load": _load_average(),
         "bench_set": set_name,

@@ -108,6 +108,30 @@ def _time_one_call(setup, target):
     return time.perf_counter() - start
 
 
+# ‖fused − torch‖ / ‖torch‖ allowed for the output and dx (DESIGN.md §4's
+# tolerances; float32 looser, as two float32 orders of a 4096-long sum differ).
+AGREEMENT = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _disagreement_with_torch(case, layer, x, dy, device):
+    """The relative difference of a fused backend's output and dx from the torch
+    backend's on the same layer and inputs (None for other layers), so the
+    benchmark that times a fused kernel also checks what it computes."""
+    if layer.kind != "featadapt" or case.layer.endswith(("/torch", "/reference")):
+        return None
+    twin, _ = _layer_and_inputs(LayerCase(case.shape, case.dtype, case.rank, case.mode,
+                                          case.layer.split("/")[0] + "/torch"), device)
+    results = []
+    for module in (layer, twin):
+        x.grad = None
+        y = module.forward(x)
+        y.backward(dy)
+        results.append((y.detach().double(), x.grad.double()))
+    x.grad = None
+    (y, dx), (y_torch, dx_torch) = results
+    return max(((a - b).norm() / b.norm()).item() for a, b in ((y, y_torch), (dx, dx_torch)))
+
+
 def test_layer(benchmark, bench_set, bench_results, layer_case):
     case = layer_case
     device = bench_device()
@@ -128,6 +152,7 @@ def test_layer(benchmark, bench_set, bench_results, layer_case):
     peak = None if compiled_on_cpu else peak_memory_bytes(lambda: target(*args), device)
     saved = saved_bytes(layer, x)
     count = flops(layer.method, case.mode, case.shape, case.rank)
+    disagreement = _disagreement_with_torch(case, layer, x, dy, device) if case.mode == "forward+backward" else None
     bench_results.layers.append({
         "layer": case.layer,
         "method": layer.method,
@@ -144,4 +169,8 @@ def test_layer(benchmark, bench_set, bench_results, layer_case):
         "peak_bytes": peak,
         "saved_bytes": saved,
         "x_bytes": x.numel() * x.element_size(),
+        "rel_error_vs_torch": disagreement,
     })
+    if disagreement is not None:
+        assert disagreement <= AGREEMENT[case.dtype], (
+            f"{case.layer} differs from the torch backend by {disagreement:.2e} (allowed {AGREEMENT[case.dtype]:g})")

@@ -105,7 +105,7 @@ __device__ void apply_keep_mask(typename C::Shared& smem, typename C::Acc (&acc)
         const int64_t n = at.n0 + at.wn * C::WN + j * 16 + c0 + e;
         const bool inside = m < args.rows && n < args.cols;
         s[r * 16 + c0 + e] *=
-            inside ? args.keep[m * args.keep_stride_row + n * args.keep_stride_col] * args.keep_scale : 0.0f;
+            inside && args.keep[m * args.keep_stride_row + n * args.keep_stride_col] ? args.keep_scale : 0.0f;
       }
       __syncwarp();
       M::load_acc(acc[i][j], s);

@@ -43,7 +43,7 @@ struct FusedGemmArgs {
 
   Operand a2, b2;  // rows × rank and cols × rank
   int64_t rank = 0;  // 0: no second product
-  const float* keep = nullptr;  // (rows, cols) float32 keep mask of dropout
+  const bool* keep = nullptr;  // (rows, cols) boolean keep mask of dropout
   int64_t keep_stride_row = 0, keep_stride_col = 0;
   float keep_scale = 1.0f;
 

@@ -234,7 +234,7 @@ Tensor low_rank_gemm_dx(const Tensor& dy, const Tensor& weight, const Tensor& du
   check_size(op, "du", 1, du, r, "a.shape[0] (r)");
   check_size(op, "a", 1, a, k, "weight.shape[1] (K)");
   if (keep) {
-    check_matrix(op, "keep", *keep, dy, at::kFloat);
+    check_matrix(op, "keep", *keep, dy, at::kBool);
     check_size(op, "keep", 0, *keep, m, "dy.shape[0] (M)");
     check_size(op, "keep", 1, *keep, k, "weight.shape[1] (K)");
   }
@@ -249,7 +249,7 @@ Tensor low_rank_gemm_dx(const Tensor& dy, const Tensor& weight, const Tensor& du
   args.b2 = transposed(a);
   args.rank = r;
   if (keep) {
-    args.keep = keep->data_ptr<float>();
+    args.keep = keep->data_ptr<bool>();
     args.keep_stride_row = keep->stride(0);
     args.keep_stride_col = keep->stride(1);
     args.keep_scale = static_cast<float>(keep_scale);

@@ -13,6 +13,7 @@ from .model import (
 )
 from .nn import LoRALinear, LoRFALinear, VeFALinear
 from .ops import BackendUnavailableError, lora_linear, lorfa_linear, vefa_linear
+from .self_check import check_backends
 from .version import __version__
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "LoRFALinear",
     "VeFALinear",
     "add_named_adapter",
+    "check_backends",
     "inject",
     "load_adapters",
     "load_named_adapters",

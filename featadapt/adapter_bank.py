@@ -22,13 +22,12 @@ import os
 from contextlib import contextmanager
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from .adapter_files import WEIGHTS_FILE, read_adapter_config
-from .model import adapter_class, adapter_layers, freeze_all_but_adapters, replace_module
+from .adapter_files import bare_layer_error, module_tensors, new_adapter_layer, read_adapter_files
+from .model import adapter_layers, freeze_all_but_adapters, replace_module
 from .nn import AdapterLinear
-from .nn.layers import BASE_TYPES, is_supported_base
+from .nn.layers import BASE_TYPES, SELECTED_ADAPTERS, is_supported_base
 from .ops import lora_linear, lorfa_linear, vefa_linear
 from .ops.stacking import stack_low_rank, stack_vefa
 
@@ -134,6 +133,79 @@ def _check_name(name):
         raise ValueError(f"adapter name must be a non-empty string other than '__base__', got {name!r}")
 
 
+def _entry_shapes(layer, spec):
+    """{parameter: shape} of a named adapter of `spec` on `layer` (whose own options may differ)."""
+    k, n = layer.in_features, layer.out_features
+    if spec["method"] == "vefa":
+        return {"scale": (k,), "shift": (k,)} if spec["shift"] else {"scale": (k,)}
+    return {"lora_A": (spec["r"], k), "lora_B": (k if spec["method"] == "lorfa" else n, spec["r"])}
+
+
+def _plan_named_adapters(model, paths, backend):
+    """Check every {name: path} against the model, changing nothing. Returns the
+    adapter layers to inject ({module name: layer}), the bank entries to add
+    ([(layer, name, entry)]) and the layers each name covers ({name: [module names]})."""
+    modules = dict(model.named_modules())
+    new_layers, entries, covered = {}, [], {}
+    for name, path in paths.items():
+        _check_name(name)
+        if path is None:  # a snapshot of the model's own adapters (and of those planned so far)
+            layers = {**dict(adapter_layers(model)), **new_layers}
+            if not layers:
+                raise ValueError("add_named_adapter: the model has no adapter layers; call featadapt.inject first")
+            for layer_name, layer in layers.items():
+                if not isinstance(layer, AdapterLinear):
+                    raise TypeError(f"add_named_adapter: module {layer_name!r} is a {type(layer).__name__}, which "
+                                    f"holds no named adapters (only adapters on {BASE_TYPES} do)")
+            for layer in layers.values():
+                tensors = {p: v.detach().clone() for p, v in layer.named_parameters(recurse=False)}
+                entries.append((layer, name, _entry(layer, tensors, layer.config())))
+            covered[name] = list(layers)
+            continue
+        config, tensors = read_adapter_files(path, "add_named_adapter")
+        where = repr(os.fspath(path))
+        for module_name, spec in config["modules"].items():
+            module = new_layers.get(module_name, modules.get(module_name))
+            method = spec["method"]
+            if module is None:
+                raise ValueError(
+                    f"add_named_adapter: {where} has module {module_name!r}, which the model does not have")
+            if isinstance(module, AdapterLinear):
+                if module.method != method:
+                    raise ValueError(f"add_named_adapter: module {module_name!r} has a {module.method} adapter, "
+                                     f"{where} a {method} adapter")
+                layer = module
+            elif not is_supported_base(module):
+                raise TypeError(
+                    f"add_named_adapter: module {module_name!r} is a {type(module).__name__}, not {BASE_TYPES}")
+            elif module_name == "":
+                raise bare_layer_error("add_named_adapter", where, module, spec)
+            else:
+                layer = new_layers[module_name] = new_adapter_layer(
+                    module, spec, backend, "add_named_adapter", where, module_name)
+            own = module_tensors(tensors, module_name)
+            for pname, shape in _entry_shapes(layer, spec).items():
+                if tuple(own[pname].shape) != shape:
+                    raise ValueError(
+                        f"add_named_adapter: {where}: module {module_name!r}: {pname} has shape {shape} "
+                        f"in the model but {tuple(own[pname].shape)} in the file"
+                    )
+            entries.append((layer, name, _entry(layer, own, spec)))
+        covered[name] = list(config["modules"])
+    return new_layers, entries, covered
+
+
+def _add_named_adapters(model, paths, backend):
+    new_layers, entries, covered = _plan_named_adapters(model, paths, backend)
+    for module_name, layer in new_layers.items():
+        replace_module(model, module_name, layer)
+    for layer in dict.fromkeys(layer for layer, _, _ in entries):
+        _bank(layer).add_many([(name, entry) for owner, name, entry in entries if owner is layer])
+    if new_layers:
+        freeze_all_but_adapters(model)
+    return covered
+
+
 def add_named_adapter(model, name, path=None, *, backend=None):
     """Add the adapter `name` to every adapter layer it covers.
 
@@ -141,58 +213,16 @@ def add_named_adapter(model, name, path=None, *, backend=None):
     plain nn.Linear (or Conv1D) layers get an adapter layer injected first
     (computing with `backend`). path=None: a frozen copy of the model's own
     adapters as they are now. A name added again replaces the earlier one.
+    Every check runs first: when it refuses, the model is left unchanged.
     Returns the names of the layers that hold it.
     """
-    _check_name(name)
-    if path is None:
-        layers = adapter_layers(model)
-        if not layers:
-            raise ValueError("add_named_adapter: the model has no adapter layers; call featadapt.inject first")
-        for _, layer in layers:
-            tensors = {p: v.detach().clone() for p, v in layer.named_parameters(recurse=False)}
-            _bank(layer).add(name, _entry(layer, tensors, layer.config()))
-        return [n for n, _ in layers]
-
-    config = read_adapter_config(path)
-    tensors = load_file(os.path.join(path, WEIGHTS_FILE))
-    modules = dict(model.named_modules())
-    plan = []
-    for module_name, spec in config["modules"].items():  # every check before any change
-        module = modules.get(module_name)
-        method = spec["method"]
-        if module is None:
-            raise ValueError(f"add_named_adapter: {path!r} has module {module_name!r}, which the model does not have")
-        if isinstance(module, AdapterLinear):
-            if module.method != method:
-                raise ValueError(
-                    f"add_named_adapter: module {module_name!r} has a {module.method} adapter, "
-                    f"{path!r} a {method} adapter"
-                )
-        elif not is_supported_base(module):
-            raise TypeError(f"add_named_adapter: module {module_name!r} is a {type(module).__name__}, not {BASE_TYPES}")
-        own = {key.rpartition(".")[2]: t for key, t in tensors.items() if key.rpartition(".")[0] == module_name}
-        plan.append((module_name, module, spec, own))
-
-    injected = False
-    for module_name, module, spec, own in plan:
-        if not isinstance(module, AdapterLinear):
-            options = {k: v for k, v in spec.items() if k != "method"}
-            module = adapter_class(spec["method"])(module, **options, backend=backend)
-            replace_module(model, module_name, module)
-            injected = True
-        expected = {"scale", "shift"} if module.method == "vefa" else {"lora_A", "lora_B"}
-        if not set(own) <= expected or not set(own) >= expected - {"shift"}:
-            raise ValueError(f"add_named_adapter: module {module_name!r} has tensors {sorted(own)} in {path!r}")
-        _bank(module).add(name, _entry(module, own, spec))
-    if injected:
-        freeze_all_but_adapters(model)
-    return [module_name for module_name, *_ in plan]
+    return _add_named_adapters(model, {name: path}, backend)[name]
 
 
 def load_named_adapters(model, paths, *, backend=None):
-    """add_named_adapter for each {name: path}; returns the names."""
-    for name, path in paths.items():
-        add_named_adapter(model, name, path, backend=backend)
+    """add_named_adapter for each {name: path}, all or none: every file is checked
+    before any adapter is added. Returns the names."""
+    _add_named_adapters(model, dict(paths), backend)
     return list(paths)
 
 
@@ -224,20 +254,31 @@ def select_adapters(model, names):
 
     A name unknown to the whole model raises; a layer that lacks a name runs its
     base weight for that sequence.
+
+    The selection holds for the calling thread (or asyncio task) only: several
+    threads may serve requests on one model at once, each in its own
+    select_adapters. Threads started inside the context do not inherit it.
     """
     names = list(names)
     layers = adapter_layers(model)
+    for layer_name, layer in layers:
+        if not isinstance(layer, AdapterLinear):
+            raise TypeError(f"select_adapters: module {layer_name!r} is a {type(layer).__name__}, which holds no "
+                            f"named adapters (only adapters on {BASE_TYPES} do)")
     known = set(named_adapters(model))
     unknown = sorted({n for n in names if n not in BASE_NAMES} - known)
     if unknown:
         raise ValueError(f"select_adapters: no adapter named {', '.join(map(repr, unknown))}; "
                          f"the model has {sorted(known)}")
+    # The per-sequence ids go into this context only, never onto the shared layers;
+    # an enclosing selection (say, of another model) stays in force.
+    selection = dict(SELECTED_ADAPTERS.get() or {})
     for _, layer in layers:
-        bank = _bank(layer)
+        bank = layer.adapter_bank if layer.adapter_bank is not None else AdapterBank(layer.method)
         ids = [-1 if n in BASE_NAMES else bank.slot(n) for n in names]
-        layer.selected_adapters = torch.tensor(ids, device=layer.weight.device)
+        selection[id(layer)] = (bank, torch.tensor(ids, device=layer.weight.device))
+    token = SELECTED_ADAPTERS.set(selection)
     try:
         yield
     finally:
-        for _, layer in layers:
-            layer.selected_adapters = None
+        SELECTED_ADAPTERS.reset(token)

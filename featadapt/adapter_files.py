@@ -1,29 +1,58 @@
 """Adapter files: the adapter tensors in safetensors plus a JSON config.
 
-A directory holds `adapters.safetensors` (one tensor per adapter parameter,
+A folder holds `adapters.safetensors` (one tensor per adapter parameter,
 keyed "<module name>.<parameter>", names relative to the model or to the
 `root=` submodule it was saved from) and `adapter_config.json` (method,
-hyper-parameters, targets, featadapt version). Each file is written to a
-temporary file in the same directory and renamed into place, so a crash never
-leaves a half-written file behind.
+hyper-parameters, targets, featadapt version).
+
+The weights file carries the config too, in its safetensors metadata, and that
+is the config the loaders read: tensors and hyper-parameters always come from
+one file, hence from one save. adapter_config.json is its copy for people and
+tools. A save writes both files beside their places, then renames the config
+copy in and the weights last: that rename commits it. So a save that fails
+leaves the adapters that loaded before, and of concurrent saves to one folder
+(serialized by a lock on the folder where the system has one) the last wins
+whole. Folders of earlier versions, whose weights carry no config, load from
+adapter_config.json as before.
 """
 
 import json
+import math
 import os
+import warnings
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .fileio import write_atomically
+from .fileio import folder_lock, replace_files
 from .model import ADAPTABLE, adapter_class, adapter_layers, freeze_all_but_adapters, replace_module
 from .nn import AdapterLayer
-from .nn.bases import is_adaptable
+from .nn.bases import QUANTIZED, is_adaptable
 from .version import __version__
 
 WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
+CONFIG_METADATA_KEY = "featadapt_config"  # the weights file's metadata entry that holds the config
 FORMAT = "featadapt-adapters"
 FORMAT_VERSION = 1
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The options each method's adapter classes take (the keys of their config()), and
+# what a valid value of each is.
+METHOD_OPTIONS = {"vefa": ("shift",), "lorfa": ("r", "alpha", "dropout", "rslora"),
+                  "lora": ("r", "alpha", "dropout", "rslora")}
+OPTION_RULES = {
+    "shift": ("true or false", lambda v: isinstance(v, bool)),
+    "rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "alpha": ("a finite number", lambda v: _is_number(v) and math.isfinite(v)),
+    "dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+}
 
 
 def _module_spec(layer):
@@ -102,9 +131,25 @@ def _local_tensors(layers):
     return tensors
 
 
+def _carries_config(weights_path):
+    """Whether the weights file holds its config (it was written by this version or a later one)."""
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            return CONFIG_METADATA_KEY in (f.metadata() or {})
+    except (OSError, SafetensorError):
+        return False
+
+
+def _folder(path, caller):
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{caller}: path must be a folder path (a str or os.PathLike), got {type(path).__name__}")
+    return os.fspath(path)
+
+
 def write_adapter_files(layers, tensors, path):
     """Write `tensors` ("<module>.<parameter>" -> full tensor) and the config of
-    `layers` ((name, adapter layer) pairs) into the directory `path`."""
+    `layers` ((name, adapter layer) pairs) into the directory `path`, as one unit."""
+    path = _folder(path, "save_adapters")
     os.makedirs(path, exist_ok=True)
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     methods = sorted({layer.method for _, layer in layers})
@@ -116,14 +161,24 @@ def write_adapter_files(layers, tensors, path):
         "targets": [name for name, _ in layers],
         "modules": {name: _module_spec(layer) for name, layer in layers},
     }
-    write_atomically(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    text = json.dumps(config, indent=2) + "\n"
+    weights_path, config_path = os.path.join(path, WEIGHTS_FILE), os.path.join(path, CONFIG_FILE)
+
+    def write_weights(tmp):
+        save_file(tensors, tmp, metadata={"format": FORMAT, CONFIG_METADATA_KEY: text})
 
     def write_config(tmp):
         with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
+            f.write(text)
 
-    write_atomically(os.path.join(path, CONFIG_FILE), write_config)
+    with folder_lock(path):
+        # The weights, config inside, are what loads: renamed in last, they commit the save.
+        # Weights of an earlier version need their own config file until they are replaced,
+        # so over them the new weights go first.
+        order = [(config_path, write_config), (weights_path, write_weights)]
+        if os.path.exists(weights_path) and not _carries_config(weights_path):
+            order.reverse()
+        replace_files(order)
 
 
 def save_adapters(model, path, *, root=None):
@@ -140,27 +195,201 @@ def save_adapters(model, path, *, root=None):
     write_adapter_files(layers, _local_tensors(layers), path)
 
 
-def read_adapter_config(path):
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"load_adapters: no {CONFIG_FILE} in {path!r}")
-    with open(config_path) as f:
-        config = json.load(f)
+def _brief(value):
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _parse_config(text, where, caller):
+    """The config in `text` (from `where`, for messages), every key checked."""
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{caller}: {where} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{caller}: {where} must hold a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"load_adapters: {config_path!r} is not a featadapt adapter config of format version "
-            f"{FORMAT_VERSION} (format={config.get('format')!r}, version={config.get('format_version')!r})"
+            f"{caller}: {where} is not a featadapt adapter config of format version {FORMAT_VERSION} "
+            f"(format={_brief(config.get('format'))}, version={_brief(config.get('format_version'))})"
         )
+
+    def refuse(key, expected, got):
+        return ValueError(f"{caller}: {where}: {key} must be {expected}, got {_brief(got)}")
+
+    modules = config.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise refuse("'modules'", "an object of module name -> adapter options, not empty", modules)
+    for name, spec in modules.items():
+        key = f"modules[{name!r}]"
+        if not isinstance(spec, dict):
+            raise refuse(key, "an object of adapter options", spec)
+        method = spec.get("method")
+        if method not in METHOD_OPTIONS:
+            raise refuse(f"{key}['method']", f"one of {', '.join(map(repr, METHOD_OPTIONS))}", method)
+        missing = sorted(set(METHOD_OPTIONS[method]) - set(spec))
+        unexpected = sorted(set(spec) - set(METHOD_OPTIONS[method]) - {"method"})
+        if missing or unexpected:
+            raise ValueError(f"{caller}: {where}: {key} must have the {method} options "
+                             f"{sorted(METHOD_OPTIONS[method])}; missing {missing}, unexpected {unexpected}")
+        for option in METHOD_OPTIONS[method]:
+            expected, valid = OPTION_RULES[option]
+            if not valid(spec[option]):
+                raise refuse(f"{key}[{option!r}]", expected, spec[option])
+    if config.get("targets") != list(modules):
+        raise refuse("'targets'", f"the list of the modules' names {list(modules)}", config.get("targets"))
+    methods = sorted({spec["method"] for spec in modules.values()})
+    method = methods[0] if len(methods) == 1 else "mixed"
+    if config.get("method") != method:
+        raise refuse("'method'", f"{method!r}, from the modules' methods", config.get("method"))
     return config
 
 
-def _layer_for(model_modules, name, spec, backend):
+def module_tensors(tensors, name):
+    """{parameter: tensor} of module `name` among the file's "<module>.<parameter>" tensors."""
+    return {key.rpartition(".")[2]: t for key, t in tensors.items() if key.rpartition(".")[0] == name}
+
+
+def _parameter_names(spec):
+    if spec["method"] == "vefa":
+        return ["scale", "shift"] if spec["shift"] else ["scale"]
+    return ["lora_A", "lora_B"]
+
+
+def _shape_problem(spec, own):
+    """What makes a module's tensors `own` ({parameter: tensor}) disagree with its config `spec`, or None."""
+    if spec["method"] == "vefa":
+        scale, shift = own["scale"], own.get("shift")
+        if scale.dim() != 1:
+            return f"scale must be 1-D, (in_features,), got shape {tuple(scale.shape)}"
+        if shift is not None and shift.shape != scale.shape:
+            return f"shift has shape {tuple(shift.shape)} and scale {tuple(scale.shape)}: they must be the same"
+        return None
+    a, b, r = own["lora_A"], own["lora_B"], spec["r"]
+    # lora_A is (r, in_features), or (r, in_channels, *kernel) for LoRA on a convolution
+    if a.dim() < 2 or a.shape[0] != r or (spec["method"] == "lorfa" and a.dim() != 2):
+        return f"lora_A has shape {tuple(a.shape)}, but the config's r={r} makes it (r, in_features)"
+    if b.dim() != 2 or b.shape[1] != r:
+        return f"lora_B has shape {tuple(b.shape)}, but the config's r={r} makes it (rows, r)"
+    if spec["method"] == "lorfa" and b.shape[0] != a.shape[1]:
+        return (f"lora_B has shape {tuple(b.shape)}, but LoRFA's lora_B is (in_features, r) and lora_A's "
+                f"shape {tuple(a.shape)} says in_features={a.shape[1]}")
+    return None
+
+
+def _check_tensors(config, tensors, where, caller):
+    """The file's tensors are exactly those its config describes: its modules', floating point, of its shapes."""
+    modules = config["modules"]
+    for key, tensor in tensors.items():
+        module = key.rpartition(".")[0]
+        if module not in modules:
+            raise ValueError(f"{caller}: {where}: tensor {key!r} belongs to module {module!r}, which the config "
+                             f"does not list (it lists {list(modules)})")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{caller}: {where}: tensor {key!r} must be floating point, as every adapter "
+                             f"parameter is, got {tensor.dtype}")
+    for name, spec in modules.items():
+        own = module_tensors(tensors, name)
+        if sorted(own) != _parameter_names(spec):
+            raise ValueError(f"{caller}: {where}: module {name!r}: its config {_brief(spec)} needs the tensors "
+                             f"{_parameter_names(spec)}, the file has {sorted(own)}")
+        problem = _shape_problem(spec, own)
+        if problem is not None:
+            raise ValueError(f"{caller}: {where}: module {name!r}: {problem}")
+
+
+def _read_weights(weights_path, caller):
+    """(config text or None, tensors), from one opening of the weights file: both from one save."""
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{caller}: {weights_path!r} is not a safetensors file: {error}") from None
+    return metadata.get(CONFIG_METADATA_KEY), tensors
+
+
+def read_adapter_files(path, caller="load_adapters"):
+    """(config, tensors) of the adapter folder `path`, each checked and checked
+    against the other; errors name the file and the key."""
+    path = _folder(path, caller)
+    weights_path, config_path = os.path.join(path, WEIGHTS_FILE), os.path.join(path, CONFIG_FILE)
+    with folder_lock(path, shared=True):  # a concurrent save's two renames happen before or after
+        has_config_file = os.path.isfile(config_path)
+        if not os.path.isfile(weights_path):
+            if has_config_file:
+                raise FileNotFoundError(f"{caller}: no {WEIGHTS_FILE} in {path!r} (it has {CONFIG_FILE} alone)")
+            raise FileNotFoundError(f"{caller}: no {CONFIG_FILE} nor {WEIGHTS_FILE} in {path!r}: "
+                                    "not a folder written by featadapt.save_adapters")
+        text, tensors = _read_weights(weights_path, caller)
+        copy = None
+        if has_config_file:
+            with open(config_path, "rb") as f:
+                copy = f.read()
+    if text is None:  # an earlier version's folder: adapter_config.json alone holds the config
+        if copy is None:
+            raise FileNotFoundError(f"{caller}: no {CONFIG_FILE} in {path!r}, and {WEIGHTS_FILE} carries no config")
+        config = _parse_config(copy, repr(config_path), caller)
+    else:
+        config = _parse_config(text, f"{weights_path!r} (its {CONFIG_METADATA_KEY!r} metadata)", caller)
+        if copy is not None and not _same_config(copy, config):
+            warnings.warn(
+                f"{caller}: {config_path!r} does not match the config inside {WEIGHTS_FILE} (left by a save that "
+                f"failed, or edited by hand); loading the one inside {WEIGHTS_FILE}, which matches its tensors",
+                stacklevel=3,
+            )
+    _check_tensors(config, tensors, repr(weights_path), caller)
+    return config, tensors
+
+
+def _same_config(text, config):
+    try:
+        return json.loads(text) == config
+    except (ValueError, RecursionError):
+        return False
+
+
+def new_adapter_layer(module, spec, backend, caller, where, name):
+    """A new adapter layer of `spec` ({"method": ..., options}) around `module`, the
+    module left as it was: the adapter classes freeze their base, which the loaders
+    do, for the whole model, only once every check has passed."""
+    cls = adapter_class(spec["method"], module)
+    options = {k: v for k, v in spec.items() if k != "method"}
+    flags = [(param, param.requires_grad) for param in module.parameters()]
+    try:
+        layer = cls(module, **options, backend=backend)
+    except ValueError as error:
+        raise ValueError(f"{caller}: {where}: module {name!r}: {error}") from error
+    except TypeError as error:
+        raise TypeError(f"{caller}: {where}: module {name!r}: {error}") from error
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    layer.training = module.training  # an adapter in an eval-mode model runs no dropout
+    return layer
+
+
+def bare_layer_error(caller, where, module, spec, alternative=""):
+    """The error for an adapter saved from a bare adapter layer (module name "") that would
+    have to replace the very module the caller passed, which no in-place change can do."""
+    cls = adapter_class(spec["method"], module)
+    options = ", ".join(f"{k}={v!r}" for k, v in spec.items() if k != "method")
+    kind = type(module).__name__
+    return ValueError(
+        f"{caller}: {where} holds an adapter for the module passed itself (it was saved from a "
+        f"bare adapter layer); {caller} changes a model in place and cannot turn the {kind} passed into an "
+        f"adapter layer: build one around it, e.g. layer = featadapt.nn.{cls.__name__}({kind.lower()}, {options}), "
+        f"and pass that{alternative}"
+    )
+
+
+def _layer_for(model_modules, name, spec, backend, where, replaceable):
     """The adapter layer that will receive module `name`'s tensors: the model's
     own, or a new one around its nn.Linear or Conv1D. Raises on any mismatch."""
     module = model_modules.get(name)
     if module is None:
         raise ValueError(
-            f"load_adapters: the adapter file has module {name!r}, which the model does not have "
+            f"load_adapters: {where} has module {name!r}, which the model does not have "
             "(names are relative to the module the file was saved from: load into that module with root=)"
         )
     method = spec["method"]
@@ -171,10 +400,17 @@ def _layer_for(model_modules, name, spec, backend):
                 f"load_adapters: module {name!r} has a {module.method} adapter with {module.config()}, "
                 f"the file a {method} adapter with {options}"
             )
+        if module.merged and getattr(module, "kind", None) == QUANTIZED:
+            # Loading unmerges and merges again, which would re-quantize the weight: never silently.
+            raise ValueError(f"load_adapters: module {name!r} is merged into its quantized base weight; call "
+                             "featadapt.unmerge_adapters(model) before loading, and merge again if you choose to")
         return module
     if not is_adaptable(module):
         raise TypeError(f"load_adapters: module {name!r} is a {type(module).__name__}, not {ADAPTABLE}")
-    return adapter_class(method, module)(module, **options, backend=backend)
+    if not replaceable:
+        raise bare_layer_error("load_adapters", where, module, spec,
+                               "; or load into a model that holds it, with root= naming it")
+    return new_adapter_layer(module, spec, backend, "load_adapters", where, name)
 
 
 def _like(param, value):
@@ -195,7 +431,8 @@ def load_adapters(model, path, *, root=None, backend=None):
     root (a submodule of `model`, or its name) is the module the saved names
     are relative to: `load_adapters(clf, path, root=clf.bert)` puts adapters
     saved from a bare BERT encoder into a classifier built around one. The
-    returned names are relative to root too.
+    returned names are relative to root too. Adapters saved from a bare adapter
+    layer load into an adapter layer, or into a plain layer named by root=.
 
     Modules that are plain nn.Linear (or Conv1D) layers get the saved adapter injected
     (computing with `backend`, automatic by default); modules that already
@@ -206,40 +443,48 @@ def load_adapters(model, path, *, root=None, backend=None):
     """
     whole_model = _unwrap(model)
     model = resolve_root(whole_model, root, "load_adapters")
-    config = read_adapter_config(path)
-    tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+    config, tensors = read_adapter_files(path, "load_adapters")
+    where = repr(_folder(path, "load_adapters"))
+    prefix = next(name for name, module in whole_model.named_modules() if module is model)
+
+    def in_whole_model(name):
+        return ".".join(part for part in (prefix, name) if part)
+
     model_modules = dict(model.named_modules())
-    plan = [(name, _layer_for(model_modules, name, spec, backend)) for name, spec in config["modules"].items()]
+    plan = [(name, _layer_for(model_modules, name, spec, backend, where, replaceable=in_whole_model(name) != ""))
+            for name, spec in config["modules"].items()]
 
     in_file = set(config["modules"])
     not_in_file = [name for name, _ in adapter_layers(model) if name not in in_file]
     if not_in_file:
         raise ValueError(f"load_adapters: the model has adapters the file does not: {', '.join(not_in_file)}")
     for name, layer in plan:
-        expected = {f"{name}.{pname}": param for pname, param in layer.named_parameters(recurse=False)}
-        saved = {key for key in tensors if key.rpartition(".")[0] == name}
-        if saved != set(expected):
+        expected = dict(layer.named_parameters(recurse=False))
+        saved = module_tensors(tensors, name)
+        if set(saved) != set(expected):
             raise ValueError(
-                f"load_adapters: module {name!r}: the file has tensors {sorted(saved)}, the adapter needs {sorted(expected)}"
+                f"load_adapters: {where}: module {name!r}: the file has tensors {sorted(saved)}, "
+                f"the adapter needs {sorted(expected)}"
             )
-        for key, param in expected.items():
-            if tensors[key].shape != param.shape:
+        for pname, param in expected.items():
+            if saved[pname].shape != param.shape:
                 raise ValueError(
-                    f"load_adapters: module {name!r}: {key.rpartition('.')[2]} has shape {tuple(param.shape)} "
-                    f"in the model but {tuple(tensors[key].shape)} in the file"
+                    f"load_adapters: {where}: module {name!r}: {pname} has shape {tuple(param.shape)} "
+                    f"in the model but {tuple(saved[pname].shape)} in the file"
                 )
 
     injected = False
     for name, layer in plan:
         if model_modules[name] is not layer:
-            replace_module(model, name, layer)
+            replace_module(whole_model, in_whole_model(name), layer)
             injected = True
         was_merged = layer.merged
         if was_merged:
             layer.unmerge()
+        saved = module_tensors(tensors, name)
         with torch.no_grad():
             for pname, param in layer.named_parameters(recurse=False):
-                param.copy_(_like(param, tensors[f"{name}.{pname}"]))
+                param.copy_(_like(param, saved[pname]))
         if was_merged:
             layer.merge()
     if injected:

@@ -7,7 +7,16 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .nn import ADAPTER_CLASSES, BLACK_BOX_CLASSES, AdapterLayer
-from .nn.bases import LINEAR, QUANTIZED, base_kind, guard_bnb_cpu_repacking, is_adaptable
+from .nn.bases import (
+    LINEAR,
+    QUANTIZED,
+    base_kind,
+    check_requantizable,
+    guard_bnb_cpu_repacking,
+    is_adaptable,
+    is_conv1d,
+    overridden_forward_reason,
+)
 
 ALL_LINEAR = "all-linear"
 ADAPTABLE = ("an nn.Linear, transformers' Conv1D, a quantized linear (bitsandbytes Linear4bit/Linear8bitLt, "
@@ -31,8 +40,12 @@ def adapter_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
-def _is_any_linear(module):
-    return base_kind(module) in (LINEAR, QUANTIZED)
+def _is_linear_layer(module):
+    """An nn.Linear of any kind (quantized ones are subclasses) or transformers' Conv1D,
+    except nn.MultiheadAttention's out_proj: it reads that weight directly, never
+    calling the layer, so an adapter there would be bypassed."""
+    return (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(
+        module, NonDynamicallyQuantizableLinear)
 
 
 def _output_head(model, linears):
@@ -47,10 +60,33 @@ def _output_head(model, linears):
     return linears[-1][1] if linears else None
 
 
-def _selects(target_modules, name):
+def _target_pattern(target_modules):
+    """ALL_LINEAR, a compiled regex, or a list of name suffixes; refuses anything else."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == suffix or name.endswith("." + suffix) for suffix in target_modules)
+        if target_modules == ALL_LINEAR:
+            return ALL_LINEAR
+        try:
+            return re.compile(target_modules)
+        except re.error as error:
+            raise ValueError(
+                f"target_modules={target_modules!r} is not a valid regular expression: {error}"
+            ) from None
+    try:
+        suffixes = list(target_modules)
+    except TypeError:
+        suffixes = None
+    if suffixes is None or isinstance(target_modules, bytes) or not all(isinstance(t, str) for t in suffixes):
+        raise TypeError(
+            f"target_modules must be {ALL_LINEAR!r}, a regex string or a list of module-name suffixes, "
+            f"got {target_modules!r}"
+        )
+    return suffixes
+
+
+def _selects(pattern, name):
+    if isinstance(pattern, re.Pattern):
+        return pattern.fullmatch(name) is not None
+    return any(name == suffix or name.endswith("." + suffix) for suffix in pattern)
 
 
 def _inside_adapter(name, adapter_names):
@@ -58,18 +94,17 @@ def _inside_adapter(name, adapter_names):
 
 
 def matching_modules(model, target_modules):
-    """The (name, module) pairs `inject` would adapt for `target_modules`."""
+    """The (name, module) pairs `inject` would adapt for `target_modules`; raises,
+    naming the module, when one it selects cannot be adapted."""
+    pattern = _target_pattern(target_modules)
     adapted = {name for name, _ in adapter_layers(model)}
     modules = [(n, m) for n, m in model.named_modules() if n and not _inside_adapter(n, adapted)]
-    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
-        linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and _is_any_linear(m)]
-        head = _output_head(model, linears)
-        return [(n, m) for n, m in modules if _is_any_linear(m) and m is not head]
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not all(isinstance(t, str) for t in target_modules):
-            raise TypeError(f"target_modules must be a regex string or a list of name suffixes, got {target_modules!r}")
-    matched = [(n, m) for n, m in modules if _selects(target_modules, n)]
+    if isinstance(pattern, str):  # ALL_LINEAR
+        linears = [(n, m) for n, m in modules if _is_linear_layer(m)]
+        head = _output_head(model, [(n, m) for n, m in linears if isinstance(m, nn.Linear)])
+        matched = [(n, m) for n, m in linears if m is not head]
+    else:
+        matched = [(n, m) for n, m in modules if _selects(pattern, n)]
     for name, module in matched:
         if isinstance(module, AdapterLayer):
             raise ValueError(f"module {name!r} already has a {module.method} adapter")
@@ -77,6 +112,12 @@ def matching_modules(model, target_modules):
             raise TypeError(
                 f"module {name!r} is the output projection of an nn.MultiheadAttention, which reads "
                 "its weight directly and would bypass an adapter"
+            )
+        reason = overridden_forward_reason(module)
+        if reason is not None:
+            raise TypeError(
+                f"module {name!r} matched target_modules={target_modules!r} but cannot be adapted: {reason}; "
+                "leave it out of target_modules"
             )
         if not is_adaptable(module):
             raise TypeError(
@@ -96,8 +137,19 @@ def _check_config(method, config):
 
 
 def replace_module(model, name, new_module):
+    """Put `new_module` in place of the submodule `name` of `model`."""
+    if not isinstance(name, str) or not name:
+        # "" names the model itself, which no module can replace in place
+        # (setattr would attach a child named "" to it).
+        raise ValueError(f"replace_module: name must name a submodule of the model, got {name!r}")
+    if not isinstance(new_module, nn.Module):
+        raise TypeError(f"replace_module: new_module must be an nn.Module, got {type(new_module).__name__}")
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"replace_module: the model has no submodule {name!r}") from None
     setattr(parent, child, new_module)
 
 
@@ -124,6 +176,7 @@ def inject(model, method, target_modules=ALL_LINEAR, **config):
     the full module name (which may also select convolutions). config goes to the adapter class (e.g. r=8, alpha=16 for
     LoRA/LoRFA; shift=True for VeFA).
     Freezes everything that is not an adapter; returns the replaced names.
+    Every check runs first: when inject refuses, the model is left unchanged.
     """
     _check_config(method, config)
     matched = matching_modules(model, target_modules)
@@ -131,8 +184,22 @@ def inject(model, method, target_modules=ALL_LINEAR, **config):
         raise ValueError(
             f"inject: no nn.Linear module matched target_modules={target_modules!r} (nor any transformers' Conv1D)"
         )
-    for name, module in matched:
-        replace_module(model, name, adapter_class(method, module)(module, **config))
+    # Build every adapter before replacing any, so that an option value one layer
+    # refuses (say r above its in_features) leaves the model as it was; building
+    # freezes each base, so the flags are put back on failure.
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        adapted = []
+        for name, module in matched:
+            layer = adapter_class(method, module)(module, **config)
+            layer.training = module.training  # as the layer it replaces (adapter dropout)
+            adapted.append((name, layer))
+    except BaseException:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+    for name, layer in adapted:
+        replace_module(model, name, layer)
     freeze_all_but_adapters(model)
     return [name for name, _ in matched]
 
@@ -153,15 +220,43 @@ def print_trainable_parameters(model):
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
 
 
-def merge_adapters(model, *, requantize=False):
-    """Merge every adapter. Layers on a quantized base refuse (merging re-quantizes,
-    losing precision) unless requantize=True."""
-    for _, layer in adapter_layers(model):
-        if not layer.merged:
-            if getattr(layer, "kind", None) == QUANTIZED:
+def _check_bool(owner, name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
+
+
+def _is_quantized(layer):
+    return getattr(layer, "kind", None) == QUANTIZED
+
+
+def _merge_all(layers, requantize=False):
+    """Merge each (name, layer); if one fails, unmerge those merged here and re-raise."""
+    merged = []
+    try:
+        for _, layer in layers:
+            if _is_quantized(layer):
                 layer.merge(requantize=requantize)
             else:
                 layer.merge()
+            merged.append(layer)
+    except BaseException:
+        for layer in reversed(merged):
+            layer.unmerge()
+        raise
+
+
+def merge_adapters(model, *, requantize=False):
+    """Merge every adapter. Layers on a quantized base refuse (merging re-quantizes,
+    losing precision) unless requantize=True; every layer is checked before any
+    is merged."""
+    _check_bool("merge_adapters", "requantize", requantize)
+    layers = [(name, layer) for name, layer in adapter_layers(model) if not layer.merged]
+    for name, layer in layers:
+        if _is_quantized(layer):
+            check_requantizable(f"merge_adapters: module {name!r}", layer.base_layer, requantize,
+                                "merge_adapters(model, requantize=True)",
+                                "featadapt.unload(model, merge=True, dequantize=True)")
+    _merge_all(layers, requantize)
     return model
 
 
@@ -174,24 +269,39 @@ def unmerge_adapters(model):
 
 def unload(model, merge=True, *, dequantize=False):
     """Replace every adapter layer by its base layer: merged (merge=True) or with
-    the original pretrained weight (merge=False). Returns the model.
+    the original pretrained weight (merge=False). Returns the model, or, when
+    `model` is itself an adapter layer, its base layer.
 
     A quantized base cannot be merged into without re-quantizing: with
     merge=True it raises, unless dequantize=True, which puts a full-precision
     (float32) nn.Linear with the adapter folded in exactly in its place.
-    All checks run before any layer is replaced."""
+    All checks run before any layer changes; when unload refuses, the model is
+    left unchanged."""
+    _check_bool("unload", "merge", merge)
+    _check_bool("unload", "dequantize", dequantize)
+    if dequantize and not merge:
+        raise ValueError("unload: dequantize=True folds the adapters into full-precision layers, so it needs "
+                         "merge=True; got merge=False")
     layers = adapter_layers(model)
     if merge and not dequantize:
         for name, layer in layers:
-            if getattr(layer, "kind", None) == QUANTIZED and not layer.merged:
-                layer.merge()  # raises, saying why and what to do instead
+            if _is_quantized(layer) and not layer.merged:
+                check_requantizable(f"unload: module {name!r}", layer.base_layer, False,
+                                    "featadapt.merge_adapters(model, requantize=True) before unload",
+                                    "unload(model, merge=True, dequantize=True)")
+    # The replacements, computed before anything changes.
+    replacements = {name: layer.dequantized_layer() for name, layer in layers
+                    if merge and dequantize and _is_quantized(layer)}
+    if merge:
+        _merge_all([(n, layer) for n, layer in layers if n not in replacements and not layer.merged])
+    else:
+        for _, layer in layers:
+            if layer.merged:
+                layer.unmerge()
     for name, layer in layers:
-        if merge and dequantize and getattr(layer, "kind", None) == QUANTIZED:
-            replace_module(model, name, layer.dequantized_layer())
-            continue
-        if merge and not layer.merged:
-            layer.merge()
-        elif not merge and layer.merged:
-            layer.unmerge()
-        replace_module(model, name, layer.base_layer)
+        replacements.setdefault(name, layer.base_layer)
+    if isinstance(model, AdapterLayer):  # the layer itself: its base takes its place for the caller
+        return replacements[""]
+    for name, replacement in replacements.items():
+        replace_module(model, name, replacement)
     return model

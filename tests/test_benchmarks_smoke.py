@@ -126,3 +126,12 @@ def test_profile_missed_stores_where_the_time_goes(tiny_run, tmp_path):
     for side in ("layer", "floor"):
         ops = profiles[case][side]["ops"]
         assert ops and all(op["self_ms"] >= 0 and 0 < op["share"] <= 1 for op in ops)
+
+
+def test_fused_layers_are_checked_against_torch(tiny_run):
+    """The benchmark that times a fused backend also checks its output and dx against torch's."""
+    results, _ = tiny_run
+    rows = [r for r in results["layers"] if r["layer"].endswith("/triton") and r["mode"] == "forward+backward"]
+    assert rows, "no fused layer was benchmarked (the triton interpreter is on in the tests)"
+    for row in rows:
+        assert row["rel_error_vs_torch"] is not None and 0 <= row["rel_error_vs_torch"] <= 1e-4, row

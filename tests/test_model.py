@@ -138,3 +138,100 @@ def test_multihead_attention_projection_is_refused():
     model = nn.Sequential(nn.MultiheadAttention(8, 2))
     with pytest.raises(TypeError, match="MultiheadAttention"):
         featadapt.inject(model, "lora", ["out_proj"], r=2)
+
+
+# -- subclasses with their own forward, target_modules errors, unload of a layer, replace_module --
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear whose own forward an adapter would silently drop."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class PlainSubclass(nn.Linear):
+    """A subclass that keeps nn.Linear's forward: adaptable as any nn.Linear."""
+
+
+@pytest.mark.parametrize("targets", [["0", "2"], "0|2", "all-linear"])
+def test_inject_refuses_a_linear_subclass_with_its_own_forward(targets):
+    model = nn.Sequential(nn.Linear(11, 16), nn.GELU(), ScaledLinear(16, 16), nn.GELU(), nn.Linear(16, 3))
+    x = torch.randn(4, 11)
+    expected = model(x)
+    match = (r"module '2' matched target_modules=.* but cannot be adapted: its class ScaledLinear overrides the "
+             r"forward of Linear; .* silently dropped and the model's output would change")
+    with pytest.raises(TypeError, match=match):
+        featadapt.inject(model, "vefa", targets)
+    assert type(model[0]) is nn.Linear and type(model[2]) is ScaledLinear
+    assert torch.equal(model(x), expected)
+
+
+def test_inject_takes_a_linear_subclass_that_keeps_linears_forward():
+    model = nn.Sequential(PlainSubclass(11, 16), nn.GELU(), nn.Linear(16, 3))
+    x = torch.randn(4, 11)
+    expected = model(x)
+    assert featadapt.inject(model, "lora", r=2) == ["0"]
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_all_linear_leaves_multihead_attentions_out_proj_alone():
+    """nn.MultiheadAttention reads out_proj's weight directly: an adapter there would be bypassed."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.up = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.up(self.attention(x, x, x)[0]))
+
+    assert featadapt.inject(Block(), "lora", r=2) == ["up"]
+
+
+def test_a_bad_regex_in_target_modules_names_the_argument_the_pattern_and_the_problem():
+    with pytest.raises(ValueError, match=r"target_modules='\.\*\(query' is not a valid regular expression: "
+                                         r"missing \), unterminated subpattern at position 2"):
+        featadapt.inject(mlp(), "lora", ".*(query")
+    with pytest.raises(TypeError, match=r"target_modules must be 'all-linear', a regex string or a list of "
+                                        r"module-name suffixes, got 3"):
+        featadapt.inject(mlp(), "lora", 3)
+
+
+def test_inject_keeps_each_layers_training_flag():
+    model = mlp().eval()
+    featadapt.inject(model, "lora", ["0"], r=2, dropout=0.5)
+    assert not model[0].training
+    x = torch.randn(4, 11)
+    assert torch.equal(model(x), model(x))  # no adapter dropout in eval mode
+
+
+@pytest.mark.parametrize("method", ["vefa", "lorfa", "lora"])
+@pytest.mark.parametrize("merge", [True, False])
+def test_unload_of_a_bare_adapter_layer_returns_its_base(method, merge):
+    base = nn.Linear(11, 7)
+    original = base.weight.detach().clone()
+    layer = featadapt.model.adapter_class(method)(base, **OPTIONS[method])
+    with torch.no_grad():
+        for param in layer.parameters(recurse=False):
+            param.add_(0.1 * torch.randn_like(param))
+    x = torch.randn(4, 11)
+    adapted = layer(x)
+    plain = featadapt.unload(layer, merge=merge)
+    assert plain is base and type(plain) is nn.Linear
+    assert "" not in dict(layer.named_children()) and list(dict(layer._modules)) == ["base_layer"]
+    if merge:
+        torch.testing.assert_close(plain(x), adapted, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(plain.weight, original)
+
+
+def test_replace_module_refuses_the_root_name():
+    model = mlp()
+    with pytest.raises(ValueError, match=r"replace_module: name must name a submodule of the model, got ''"):
+        featadapt.model.replace_module(model, "", nn.Identity())
+    assert "" not in model._modules
+    featadapt.model.replace_module(model, "1", nn.ReLU())
+    assert type(model[1]) is nn.ReLU

@@ -171,12 +171,46 @@ def test_backend_option_reaches_the_op(backend, monkeypatch):
     layer = make("vefa")
     layer.backend = backend
     seen = []
-    original = featadapt.ops.dispatch.select_backend
+    original = featadapt.ops.dispatch.choose
 
     def spy(op, tensors, requested=None):
         seen.append(requested)
         return original(op, tensors, requested)
 
-    monkeypatch.setattr(featadapt.ops.functional, "select_backend", spy)
+    monkeypatch.setattr(featadapt.ops.functional, "choose", spy)
     layer(torch.randn(3, 19))
     assert seen == [backend]
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class ShiftedConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_subclass_with_its_own_forward_is_refused(method):
+    """The adapter would compute with the weight as nn.Linear does, dropping the subclass's forward."""
+    match = (r"base_layer must be an nn.Linear or transformers' Conv1D, got ScaledLinear: its class ScaledLinear "
+             r"overrides the forward of Linear; .* silently dropped")
+    with pytest.raises(TypeError, match=match):
+        METHODS[method](ScaledLinear(19, 13))
+    block = featadapt.nn.BLACK_BOX_CLASSES[method]
+    with pytest.raises(TypeError, match=r"got ShiftedConv: its class ShiftedConv overrides the forward of Conv2d"):
+        block(ShiftedConv(4, 4, 3), **({"r": 2} if method != "vefa" else {}))
+
+
+def test_a_transformers_conv1d_subclass_with_its_own_forward_is_refused():
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+    class Doubled(conv1d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match=r"overrides the forward of Conv1D"):
+        VeFALinear(Doubled(13, 19))
+    assert featadapt.nn.bases.base_kind(conv1d(13, 19)) == "linear"

@@ -248,3 +248,26 @@ def test_accelerated_lora_mixed_batch_keeps_peft_errors():
     model.merge_adapter(["adapter0"])
     with pytest.raises(ValueError, match=r"Cannot pass `adapter_names` when there are merged adapters"):
         model(**inputs(), adapter_names=["adapter0"] * 9)
+
+
+# -- adapter_names travel with the call ---------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_names_reach_modules_to_save_and_leave_no_hooks(method):
+    """PEFT's modules_to_save wrappers get the names too; after the call no hook or
+    name is left on the shared modules (a concurrent call would have used them)."""
+    torch.manual_seed(0)
+    config0, config1 = CONFIGS[method]
+    configs = config0(["lin0"]), config1(["lin0"])
+    for config in configs:
+        config.modules_to_save = ["lin1"]
+    model = get_peft_model(MLP().eval(), configs[0], "adapter0")
+    model.add_adapter("adapter1", configs[1])
+    model.eval()
+    with torch.no_grad():
+        model.base_model.model.lin1.modules_to_save["adapter1"].weight.mul_(3)
+    hooks = {name: len(m._forward_pre_hooks) for name, m in model.named_modules()}
+    run_checks(model, inputs())
+    assert {name: len(m._forward_pre_hooks) for name, m in model.named_modules()} == hooks
+    assert fp.mixed_batches.CALL_ADAPTER_NAMES.get() is None

@@ -11,6 +11,7 @@ arithmetic (tl.dot and elementwise multiply) gives garbage. So the backend
 refuses bfloat16 under the interpreter, and every bfloat16 case is a `gpu` test.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 import featadapt
-from featadapt.ops import dispatch, triton_backend
+from featadapt.ops import dispatch, dispatch_table, triton_backend
 from helpers import (
     KERNEL_DTYPES,
     METHODS,
@@ -371,9 +372,15 @@ def test_gpu_dy_grads_kernel_large_shapes(m, n, r, dtype):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method", METHODS)
-def test_gpu_auto_picks_triton(monkeypatch, method, dtype):
+def test_gpu_auto_picks_triton_only_where_the_table_says(monkeypatch, tmp_path, method, dtype):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     t = to_device(make_inputs(method, (4,), 17, 13, r=3, dtype=dtype), "cuda")
+    assert chosen_name(method, t) == "torch"  # no measurement: torch
+    entry = {"device": dispatch_table.device_class("cuda"), "op": method, "dtype": str(dtype)[6:],
+             "tokens": None, "rank": None, "backend": "triton", "ratio": 0.9}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"format": 1, "entries": [entry]}))
+    monkeypatch.setenv(dispatch_table.TABLE_ENV, str(path))
     assert chosen_name(method, t) == "triton"
 
 

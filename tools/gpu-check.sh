@@ -1,33 +1,31 @@
 #!/usr/bin/env bash
-# Everything a GPU machine has to tell us, in one command that cannot overrun:
+# Everything a GPU machine has to tell us, in one device command of at most
+# six minutes on a cold H100/H200, offline:
 #
 #   tools/gpu-check.sh RESULTS_DIR            (make gpu-check RESULTS=RESULTS_DIR)
-#   tools/gpu-check.sh --dry-run RESULTS_DIR  on a machine without a GPU: every step
-#                                             runs, skipping only what needs the GPU
+#   tools/gpu-check.sh --dry-run RESULTS_DIR  on a machine without a GPU: every stage
+#                                             runs its CPU-side part, skipping the GPU
 #
-# Needs: the project's tree, Python with torch (CUDA build) and triton, pytest,
-# pytest-benchmark, transformers and peft importable (offline is fine: the
-# set-up falls back to `pip install --no-deps -e .`), nvcc in CUDA_HOME and
-# compute-sanitizer. Writes into RESULTS_DIR as it goes, so a stage cut off
-# by its cap leaves the others' results: setup.log, <stage>.log, junit
-# XML per test stage, bench-headline.json and bench-rest.json, summary.txt.
-#
-# Time estimate on one H200 machine (16 cores), from counts; [caps]. A Triton
-# compile takes 0.3-8.5 s on the CPU machine's cores (the 3.8 sweep), ~1 s for
-# the small fixed configurations (tools/triton_aot.py check); assumed no slower
-# on the GPU machine's cores.
-#   setup     the extension for sm_90 only: 4 sources compiled in parallel,
-#             the longest (ops.cpp, torch's headers) ~90 s                 [120 s]
-#   gpu-tests 342 gpu tests, autotuning off (one fixed configuration per
-#             kernel): ~150 distinct compiles (5 kernels × ~6 dtype/flag
-#             cases × ~5 shape specializations) × ~0.8 s + 342 × ~0.1 s
-#             ≈ 155 s                                                       [170 s]
-#   headline  autotuning over at most 3 kept configurations a kernel:
-#             2 dtypes × 5 kernels × 3 = 30 compiles × ~2 s = 60 s, plus
-#             2 dtypes × 14 layers × 3 modes = 84 timings × ~0.5 s = 42 s   [130 s]
-#   sanitize  137 odd-shape cuda tests under memcheck, ~0.25 s each ≈ 35 s  [ 40 s]
-#   rest      the other GPU benchmarks, as many as fit                      [ 20 s]
-#   total: the caps add up to 480 s = 8 min, plus seconds for the summary.
+# Stages, each capped (SIGINT first, so pytest still writes its XML), each
+# logging to RESULTS_DIR/<stage>.log, pytest stages with -x so one illegal
+# address does not poison the rest:
+#   setup      (background) the package and the CUDA extension for sm_90,
+#              offline; the Triton stages run from the tree meanwhile   [150 s]
+#   self-check featadapt.check_backends for torch and triton: bfloat16 and
+#              float16, odd shapes and the production shape, every
+#              configuration the pruning rule keeps; 4 processes side by
+#              side (tools/gpu_self_check.py: a process compiles serially) [110 s]
+#   headline   the headline benchmarks (every method and backend against
+#              the floor and PEFT), each fused layer's output and dx
+#              checked against the torch backend in the same run         [100 s]
+#   cuda-check the self-check of the cuda backend, once the build is in  [ 30 s]
+#   sanitize   compute-sanitizer memcheck, racecheck and synccheck over
+#              tools/sanitize_cases.py (odd shapes, every fused op)      [ 45 s]
+#   gpu-tests  the gpu-marked tests, as many as fit                      [ 40 s]
+# then the dispatch table from what was measured (tools/write_dispatch_table.py)
+# and summary.txt. The caps after setup add up to 325 s; setup overlaps them.
+# Outputs: self-check.json, bench-headline.json, dispatch_table.json,
+# junit XML per pytest stage, nvidia-smi.txt, featadapt-info.txt, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,29 +35,38 @@ RESULTS=${1:?usage: tools/gpu-check.sh [--dry-run] RESULTS_DIR}
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 PY=${PY:-.venv/bin/python}
+PYTHON=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export FEATADAPT_CUDA_ARCHS=${FEATADAPT_CUDA_ARCHS:-9.0}
 export PYTHONUNBUFFERED=1
+# Offline: no package index to try, and no retries or back-off against one.
+export PIP_NO_INDEX=${PIP_NO_INDEX:-1} PIP_RETRIES=0 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Until the set-up finishes, the stages import featadapt from the tree.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-CAP_SETUP=${CAP_SETUP:-120}
-CAP_TESTS=${CAP_TESTS:-170}
-CAP_HEADLINE=${CAP_HEADLINE:-130}
-CAP_SANITIZE=${CAP_SANITIZE:-40}
-CAP_REST=${CAP_REST:-20}
-# The benchmarks autotune over the first few configurations the pruning rule
-# keeps (the large tiles come first), so compiling stays within the caps.
+# The dry run's CPU (2 cores, Triton's interpreter) is far slower than the
+# GPU machine: its caps are four times as long.
+SLOWER=1
+[[ $DRY_RUN -eq 1 ]] && SLOWER=4
+CAP_SETUP=${CAP_SETUP:-$((150 * SLOWER))}
+CAP_SELF_CHECK=${CAP_SELF_CHECK:-$((110 * SLOWER))}
+CAP_HEADLINE=${CAP_HEADLINE:-$((100 * SLOWER))}
+CAP_CUDA_CHECK=${CAP_CUDA_CHECK:-$((30 * SLOWER))}
+CAP_SANITIZE=${CAP_SANITIZE:-$((45 * SLOWER))}
+CAP_TESTS=${CAP_TESTS:-$((40 * SLOWER))}
+# The benchmarks autotune over the first few kept configurations (the large
+# tiles come first): the self-check has already run every one of them.
 export FEATADAPT_AUTOTUNE_CONFIGS=${FEATADAPT_AUTOTUNE_CONFIGS:-3}
 
 STAGES=()
-# stage NAME CAP COMMAND...: runs COMMAND for at most CAP seconds (SIGINT first,
-# so pytest still writes its junit XML and the benchmark JSON), logs to NAME.log.
+# stage NAME CAP COMMAND...: runs COMMAND for at most CAP seconds, logs to NAME.log.
 stage() {
     local name=$1 cap=$2
     shift 2
     local start=$SECONDS
     echo "== $name (cap ${cap}s): $*" | tee "$RESULTS/$name.log"
-    timeout --signal=INT --kill-after=15 "$cap" "$@" >>"$RESULTS/$name.log" 2>&1
+    timeout --signal=INT --kill-after=10 "$cap" "$@" >>"$RESULTS/$name.log" 2>&1
     local rc=$?
     local took=$((SECONDS - start))
     [[ $rc -eq 124 ]] && echo "== $name: cut off by its ${cap}s cap" | tee -a "$RESULTS/$name.log"
@@ -73,42 +80,59 @@ if [[ $DRY_RUN -eq 0 ]] && ! command -v nvidia-smi >/dev/null; then
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi >"$RESULTS/nvidia-smi.txt" 2>&1
 
-# The extension, built on all cores (make setup is a no-op when it is up to date).
-stage setup "$CAP_SETUP" make setup PYTHON="${PYTHON:-python3}"
-"$PY" -m featadapt.info >"$RESULTS/featadapt-info.txt" 2>&1
-"$PY" -m pip list --format=freeze >"$RESULTS/pip-freeze.txt" 2>/dev/null
+# setup, in the background: the extension takes longest to build. Until it
+# is done the stages run the machine's Python on the tree (no featadapt._C:
+# the cuda backend waits for its own stage).
+SETUP_START=$SECONDS
+( timeout --kill-after=10 "$CAP_SETUP" make setup PYTHON="$PYTHON" >"$RESULTS/setup.log" 2>&1
+  echo "$? $((SECONDS - SETUP_START))" >"$RESULTS/setup.rc" ) &
+SETUP_PID=$!
+EARLY_PY=$PYTHON
+[[ -x "$PY" ]] && EARLY_PY=$PY  # a machine set up before (this one, in a dry run)
+DRY=()
+[[ $DRY_RUN -eq 1 ]] && DRY=(--dry-run)
 
-PYTEST=("$PY" -m pytest -p no:cacheprovider -q -rfE)
-# (a) the gpu tests, autotuning off: the pruning rule's fixed configuration per
-# kernel (tests/conftest.py sets FEATADAPT_AUTOTUNE=0; one test turns it on).
-stage gpu-tests "$CAP_TESTS" "${PYTEST[@]}" tests -m gpu --junitxml="$RESULTS/gpu-tests.xml"
+stage self-check "$CAP_SELF_CHECK" "$EARLY_PY" tools/gpu_self_check.py "$RESULTS" "${DRY[@]}"
 
-# (b) the headline benchmarks, then (d) the rest; the dry run collects the GPU
-# sets and runs the tiny set through the same reporting instead.
-BENCH=("$PY" -m pytest benchmarks -p no:cacheprovider -q)
+# headline benchmarks; every fused layer's output and dx checked against torch's.
+BENCH=("$EARLY_PY" -m pytest benchmarks/test_layers.py -p no:cacheprovider -q -x)
 if [[ $DRY_RUN -eq 1 ]]; then
-    stage headline "$CAP_HEADLINE" bash -c "${BENCH[*]} --bench-set gpu-headline --collect-only >/dev/null && \
-        ${BENCH[*]} --bench-set tiny --benchmark-disable --bench-results '$RESULTS/bench-headline.json' \
-        --junitxml='$RESULTS/headline.xml'"
+    stage headline "$CAP_HEADLINE" env TRITON_INTERPRET=1 "${BENCH[@]}" --bench-set tiny --benchmark-disable \
+        --bench-results "$RESULTS/bench-headline.json" --junitxml="$RESULTS/headline.xml"
 else
     stage headline "$CAP_HEADLINE" "${BENCH[@]}" --bench-set gpu-headline \
         --bench-results "$RESULTS/bench-headline.json" --junitxml="$RESULTS/headline.xml"
 fi
 
-# (c) compute-sanitizer's memcheck over the odd-shape cuda tests.
+wait "$SETUP_PID"
+STAGES+=("setup $(cat "$RESULTS/setup.rc" 2>/dev/null || echo "1 $((SECONDS - SETUP_START))")")
+[[ -x "$PY" ]] || PY=$PYTHON
+"$PY" -m featadapt.info >"$RESULTS/featadapt-info.txt" 2>&1
+"$PY" -m pip list --format=freeze >"$RESULTS/pip-freeze.txt" 2>/dev/null
+
+# the cuda backend, now that the extension is built.
 if [[ $DRY_RUN -eq 1 ]]; then
-    stage sanitize "$CAP_SANITIZE" env FEATADAPT_DRY_RUN=1 PY="$PY" tools/sanitize-gpu-tests.sh \
-        --junitxml="$RESULTS/sanitize.xml"
+    stage cuda-check "$CAP_CUDA_CHECK" "$PY" -m featadapt.info
 else
-    stage sanitize "$CAP_SANITIZE" env PY="$PY" tools/sanitize-gpu-tests.sh --junitxml="$RESULTS/sanitize.xml"
+    stage cuda-check "$CAP_CUDA_CHECK" "$PY" -m featadapt.info --check --backends cuda --dtypes bfloat16,float16 \
+        --production --json "$RESULTS/self-check-cuda.json"
 fi
 
+# compute-sanitizer: memcheck, racecheck and synccheck over one small script.
 if [[ $DRY_RUN -eq 1 ]]; then
-    stage rest "$CAP_REST" "${BENCH[@]}" --bench-set gpu-rest --collect-only --junitxml="$RESULTS/rest.xml"
+    stage sanitize "$CAP_SANITIZE" env TRITON_INTERPRET=1 "$PY" tools/sanitize_cases.py
 else
-    stage rest "$CAP_REST" "${BENCH[@]}" --bench-set gpu-rest \
-        --bench-results "$RESULTS/bench-rest.json" --junitxml="$RESULTS/rest.xml"
+    stage sanitize "$CAP_SANITIZE" env PY="$PY" tools/sanitize-gpu-tests.sh
 fi
 
+# the gpu tests, as many as fit.
+GPU_TESTS=("$PY" -m pytest -p no:cacheprovider -q -x -rfE tests -m gpu --junitxml="$RESULTS/gpu-tests.xml")
+if [[ $DRY_RUN -eq 1 ]]; then
+    stage gpu-tests "$CAP_TESTS" "${GPU_TESTS[@]}" --collect-only
+else
+    stage gpu-tests "$CAP_TESTS" "${GPU_TESTS[@]}"
+fi
+
+"$PY" tools/write_dispatch_table.py "$RESULTS" >"$RESULTS/dispatch-table.log" 2>&1
 printf '%s\n' "${STAGES[@]}" >"$RESULTS/stages.txt"
 "$PY" tools/gpu_check_summary.py "$RESULTS" | tee "$RESULTS/summary.txt"

@@ -11,7 +11,7 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-JUNIT = {"gpu-tests": "gpu-tests.xml", "headline": "headline.xml", "sanitize": "sanitize.xml", "rest": "rest.xml"}
+JUNIT = {"gpu-tests": "gpu-tests.xml", "headline": "headline.xml"}
 EXIT_MEANING = {0: "ok", 1: "failures", 5: "no tests ran", 124: "cut off by its cap", 137: "killed"}
 
 
@@ -65,12 +65,39 @@ def headline_lines(results):
     return lines
 
 
+def self_check_lines(results):
+    lines = []
+    for name in ("self-check.json", "self-check-cuda.json"):
+        path = os.path.join(results, name)
+        if not os.path.exists(path):
+            lines.append(f"{name}: missing")
+            continue
+        rows = json.load(open(path))["rows"]
+        count = {s: sum(r["status"] == s for r in rows) for s in ("pass", "FAIL", "skip")}
+        lines.append(f"{name}: {count['pass']} passed, {count['FAIL']} failed, {count['skip']} skipped")
+        lines += [f"  FAIL {r['backend']} {r['op']} {r['dtype']} {r['shape']} {r['config']}: {r['detail']}"
+                  for r in rows if r["status"] == "FAIL"][:20]
+    return lines
+
+
+def table_lines(results):
+    path = os.path.join(results, "dispatch_table.json")
+    if not os.path.exists(path):
+        return ["dispatch table: not written (see dispatch-table.log)"]
+    entries = json.load(open(path))["entries"]
+    lines = [f"dispatch table: {len(entries)} entries (auto picks torch everywhere else)"]
+    lines += [f"  {e['device']} {e['op']} {e['dtype']} tokens {e['tokens']}: {e['backend']} {e['ratio']}x torch"
+              for e in entries]
+    return lines
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit(__doc__)
     results = argv[0]
-    print("\n".join(["== featadapt gpu-check summary", *stage_lines(results), *headline_lines(results)]))
+    print("\n".join(["== featadapt gpu-check summary", *stage_lines(results), *self_check_lines(results),
+                     *table_lines(results), *headline_lines(results)]))
     return 0
 
 

@@ -56,8 +56,34 @@ def has_plain_weight(module):
             and weight.dtype.is_floating_point)
 
 
+def _standard_class(module):
+    """The library class whose forward the adapters reproduce or call for `module`
+    (nn.Linear, transformers' Conv1D, nn.Conv1d/2d/3d), or None."""
+    if is_conv1d(module):
+        return _loaded_class("transformers.pytorch_utils", "Conv1D")
+    for cls in (nn.Linear, *_CONV_TYPES):
+        if isinstance(module, cls):
+            return cls
+    return None
+
+
+def overridden_forward(module):
+    """The class (nn.Linear, Conv1D, nn.Conv2d, ...) whose forward `module`'s own
+    class replaces, or None. Adapters compute with the weight as that class's
+    forward does (and merge into it), so a replaced forward would be dropped."""
+    if bnb_kind(module) is not None:  # bitsandbytes' own forward is the quantized matmul
+        return None
+    cls = _standard_class(module)
+    if cls is None or type(module).forward is cls.forward:
+        return None
+    return cls
+
+
 def base_kind(module):
-    """LINEAR, QUANTIZED, CONV, or None for a layer no adapter can wrap."""
+    """LINEAR, QUANTIZED, CONV, or None for a layer no adapter can wrap (including
+    a subclass that overrides its base class's forward)."""
+    if overridden_forward(module) is not None:
+        return None
     if is_conv1d(module):
         return LINEAR
     if bnb_kind(module) is not None:
@@ -67,6 +93,16 @@ def base_kind(module):
     if isinstance(module, _CONV_TYPES):
         return CONV if has_plain_weight(module) else None
     return None
+
+
+def overridden_forward_reason(module):
+    """Why a subclass with its own forward is refused (None when it has none), for messages."""
+    cls = overridden_forward(module)
+    if cls is None:
+        return None
+    return (f"its class {type(module).__qualname__} overrides the forward of {cls.__name__}; an adapter computes "
+            f"with the weight as {cls.__name__}.forward does (and merges into it), so that forward would be "
+            "silently dropped and the model's output would change")
 
 
 def is_linear_base(module):

@@ -40,6 +40,7 @@ from .bases import (
     dequantized_weight,
     guard_bnb_cpu_repacking,
     merge_dtype,
+    overridden_forward_reason,
     quantized_description,
     requantize_merged,
     restore_bias,
@@ -68,9 +69,11 @@ class BlackBoxAdapter(AdapterLayer):
         name = type(self).__name__
         kind = base_kind(base_layer)
         if kind not in (QUANTIZED, CONV):
+            reason = overridden_forward_reason(base_layer)
             raise TypeError(
                 f"{name}: base_layer must be a quantized linear (bitsandbytes Linear4bit/Linear8bitLt, "
                 f"a torchao-quantized nn.Linear) or an nn.Conv1d/2d/3d, got {type(base_layer).__name__}"
+                + (f": {reason}" if reason else "")
             )
         super().__init__()
         self.kind = kind

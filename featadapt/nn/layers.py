@@ -7,6 +7,7 @@ weight bit-exactly from a copy kept while merged (dividing by the scale, or
 subtracting the delta, would not be exact in floating point).
 """
 
+import contextvars
 import math
 import numbers
 
@@ -16,7 +17,7 @@ from torch import nn
 from ..ops import lora_linear, lorfa_linear, vefa_linear
 from ..ops.validation import check_dropout
 from .adapter import AdapterLayer
-from .bases import is_conv1d, is_linear_base, merge_dtype, restore_bias, write_merged_bias
+from .bases import is_conv1d, is_linear_base, merge_dtype, overridden_forward_reason, restore_bias, write_merged_bias
 
 
 def is_supported_base(module):
@@ -27,6 +28,13 @@ def is_supported_base(module):
 
 
 BASE_TYPES = "an nn.Linear or transformers' Conv1D"
+
+# The named adapters chosen per sequence by featadapt.select_adapters, as
+# {id(layer): (bank, ids)}: per thread and per asyncio task, so that concurrent
+# requests on one model never see each other's ids (nothing is stored on the
+# layers). Keyed by id(): under torch.compile, a dict keyed by the modules
+# themselves handed one layer's entry to another.
+SELECTED_ADAPTERS = contextvars.ContextVar("featadapt_selected_adapters", default=None)
 
 
 def _adapter_dtype(base_weight, dtype):
@@ -57,8 +65,10 @@ class AdapterLinear(AdapterLayer):
 
     def __init__(self, base_layer, *, backend=None):
         if not is_supported_base(base_layer):
+            reason = overridden_forward_reason(base_layer)
             raise TypeError(
                 f"{type(self).__name__}: base_layer must be {BASE_TYPES}, got {type(base_layer).__name__}"
+                + (f": {reason}" if reason else "")
             )
         super().__init__()
         self.base_layer = base_layer
@@ -72,9 +82,8 @@ class AdapterLinear(AdapterLayer):
         self.register_buffer("bias_before_merge", None, persistent=False)
         self._bias_created_by_merge = False
         # Named adapters chosen per sequence (featadapt/adapter_bank.py): the
-        # stacked bank, and the per-sequence ids that select_adapters sets.
+        # stacked bank; the per-sequence ids travel in SELECTED_ADAPTERS.
         self.adapter_bank = None
-        self.selected_adapters = None
 
     @property
     def in_features(self):
@@ -98,8 +107,11 @@ class AdapterLinear(AdapterLayer):
         return {"device": base_layer.weight.device, "dtype": _adapter_dtype(base_layer.weight, dtype)}
 
     def forward(self, x):
-        if self.selected_adapters is not None:
-            return self.adapter_bank(self, x, self.selected_adapters)
+        selection = SELECTED_ADAPTERS.get()
+        selected = None if selection is None else selection.get(id(self))
+        if selected is not None:
+            bank, ids = selected
+            return bank(self, x, ids)
         if self.merged:
             return self.base_layer(x)
         return self._adapted_forward(x)

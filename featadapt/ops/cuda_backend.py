@@ -1,9 +1,9 @@
 """The `cuda` backend: the fused autograd Functions (fused.py) over the CUDA
 C++ kernels of csrc/ (featadapt.kernels.cuda).
 
-Automatic dispatch ranks it below `triton` until GPU benchmark results show
-it faster: its kernels are written but not yet tuned on a GPU (README,
-"CUDA extension").
+Automatic dispatch picks it only where the dispatch table lists a
+measurement that shows it correct and faster (dispatch_table.py); its
+kernels have not yet run on a GPU (README, "CUDA extension").
 """
 
 import torch
@@ -11,6 +11,7 @@ import torch
 from ..kernels import cuda as kernels
 from .dispatch import Backend  # dispatch imports this module last, once Backend exists
 from .fused import KernelSet, dtype_reasons, fused_ops
+from .kernel_fallback import with_fallback
 
 KERNELS = KernelSet(
     kernels.scaled_gemm,
@@ -59,6 +60,8 @@ BACKEND = Backend(
     name="cuda",
     summary="fused CUDA C++ kernels (the featadapt._C extension); CUDA",
     ops=fused_ops(KERNELS),
+    auto_ops=fused_ops(with_fallback("cuda", KERNELS)),
+    needs_measurement=True,
     auto_priority=5,
     unavailable_reason=unavailable_reason,
     not_supported_reasons=not_supported_reasons,

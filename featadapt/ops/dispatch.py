@@ -5,17 +5,22 @@ A backend declares what it is, whether it can run on this machine at all
 (`not_supported_reasons`); the kernel backends register themselves here.
 
 Selection: the `backend=` argument, else the FEATADAPT_BACKEND environment
-variable, else "auto". Auto takes the highest-priority backend that can run the
-call and does not ask to be skipped (`auto_skip_reasons`: the triton backend
-for CPU tensors in its interpreter), and falls back quietly; a backend asked
-for by name that cannot run the call raises BackendUnavailableError saying why.
+variable, else "auto". A backend asked for by name that cannot run the call
+raises BackendUnavailableError saying why.
+
+Auto runs a fused backend (one that `needs_measurement`: triton, cuda) only
+where the dispatch table (dispatch_table.py) lists the case, the backend can
+run the call, and its kernels have not failed to compile or launch for that
+case in this process; there it runs the backend's `auto_ops`, whose kernels
+fall back to torch ops on such a failure (kernel_fallback.py). Every other
+case runs on the highest-priority backend that needs no measurement: `torch`.
 """
 
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from . import reference, torch_backend, torch_indexed
+from . import dispatch_table, kernel_fallback, reference, torch_backend, torch_indexed
 
 ENV_VAR = "FEATADAPT_BACKEND"
 AUTO = "auto"
@@ -52,6 +57,11 @@ class Backend:
     # (op, tensors of a call it can run) -> reasons "auto" should pass it over
     # (it still runs when asked for by name); [] when auto may pick it
     auto_skip_reasons: Callable[[str, tuple], List[str]] = field(default=_supports_everything)
+    # True for fused backends: auto picks them only where the dispatch table says so
+    needs_measurement: bool = False
+    # the ops run when auto picked it (kernels that fall back to torch ops on a
+    # compile or launch failure); None: the same as `ops`
+    auto_ops: Optional[Dict[str, Callable]] = None
 
     def reasons_against(self, op, tensors, auto=False):
         why = self.unavailable_reason()
@@ -93,29 +103,69 @@ def requested_backend_name(backend=None):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
         return backend.strip().lower()
-    return os.environ.get(ENV_VAR, "").strip().lower() or AUTO
+    value = os.environ.get(ENV_VAR, "").strip().lower() or AUTO
+    if value != AUTO and value not in _BACKENDS:
+        known = ", ".join([AUTO] + sorted(_BACKENDS))
+        raise ValueError(f"environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} names no backend; "
+                         f"expected one of: {known}")
+    return value
 
 
-def select_backend(op, tensors, backend=None):
+@dataclass(frozen=True)
+class Choice:
+    """The backend a call runs on, the ops it runs, and why it was picked."""
+
+    backend: Backend
+    ops: Dict[str, Callable]
+    why: str
+
+
+def _auto_choice(op, tensors):
+    entry, case = dispatch_table.lookup(op, tensors)
+    passed_over = ""
+    if entry is not None:
+        measured = _BACKENDS.get(entry.backend)
+        if measured is None or measured.auto_priority is None:
+            reasons = [f"no backend {entry.backend!r} that auto may pick is registered"]
+        else:
+            reasons = measured.reasons_against(op, tensors, auto=True)
+            failed = kernel_fallback.failure_reason(measured.name, *case[:3])
+            reasons += [failed] if failed else []
+        if not reasons:
+            return Choice(measured, measured.auto_ops or measured.ops,
+                          f"the dispatch table: {entry.describe()}")
+        passed_over = f"; the table's {entry.backend} passed over: {'; '.join(reasons)}"
+    rejected = []
+    for candidate in backends():
+        if candidate.auto_priority is None or candidate.needs_measurement:
+            continue
+        reasons = candidate.reasons_against(op, tensors, auto=True)
+        if not reasons:
+            why = "no measurement" if entry is None else "measured"
+            return Choice(candidate, candidate.ops,
+                          f"{why} for {dispatch_table.describe_case(case)}{passed_over}: {candidate.name}")
+        rejected.append(f"{candidate.name}: {'; '.join(reasons)}")
+    raise BackendUnavailableError(f"no backend can run {op}: " + " | ".join(rejected))
+
+
+def choose(op, tensors, backend=None):
+    """The Choice for a call: `backend` by name, else FEATADAPT_BACKEND, else auto."""
     name = requested_backend_name(backend)
     if name == AUTO:
-        rejected = []
-        for candidate in backends():
-            if candidate.auto_priority is None:
-                continue
-            reasons = candidate.reasons_against(op, tensors, auto=True)
-            if not reasons:
-                return candidate
-            rejected.append(f"{candidate.name}: {'; '.join(reasons)}")
-        raise BackendUnavailableError(f"no backend can run {op}: " + " | ".join(rejected))
+        return _auto_choice(op, tensors)
     chosen = get_backend(name)
     reasons = chosen.reasons_against(op, tensors)
+    source = "backend=" if backend is not None else ENV_VAR
     if reasons:
-        source = "backend=" if backend is not None else ENV_VAR
         raise BackendUnavailableError(
             f"backend {name!r} (from {source}) cannot run {op}: {'; '.join(reasons)}"
         )
-    return chosen
+    return Choice(chosen, chosen.ops, f"asked for by name ({source})")
+
+
+def select_backend(op, tensors, backend=None):
+    """The Backend a call runs on (see choose)."""
+    return choose(op, tensors, backend).backend
 
 
 register_backend(

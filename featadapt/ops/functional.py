@@ -2,11 +2,12 @@
 flatten x to (M, K) and give the result back with x's leading dimensions."""
 
 import contextlib
+import math
 
 import torch
 
 from . import validation
-from .dispatch import select_backend
+from .dispatch import choose
 from .dropout import draw_seed
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,8 +43,9 @@ def _autocast(x, weight, bias):
 def _dispatch(op, backend, autocasting, x, weight, bias, params, extra=()):
     # Only the floating tensors decide the backend: integer ids and the
     # scaling vector are on x's device and every kernel takes them.
-    chosen = select_backend(op, (x, weight, bias, *params), backend)
-    x2d = x.reshape(-1, weight.shape[1])
+    chosen = choose(op, (x, weight, bias, *params), backend)
+    # M spelled out: reshape(-1, K) is ambiguous for K = 0, where y is the bias, as F.linear gives
+    x2d = x.reshape(math.prod(x.shape[:-1]), weight.shape[1])
     # The backend runs with autocast off, so its forward and backward see the
     # dtypes that were checked.
     no_autocast = torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext()

@@ -54,7 +54,7 @@ class KernelSet:
 def _scaled_c(weight, lora_B, scaling, lorfa):
     """Cγ = γ·C in the activation dtype: C = B for LoRA, W0 B (N×r) for LoRFA."""
     if lorfa:
-        return (weight @ lora_B.to(weight.dtype)).mul_(scaling)
+        return weight @ (lora_B * scaling).to(weight.dtype)  # γ first: W0 B alone may overflow in half precision
     return (lora_B * scaling).to(weight.dtype)
 
 

@@ -5,6 +5,10 @@ oracle, not a fast path, and never chosen automatically.
 Every function takes x already flattened to (M, K). Adapter parameters may have
 another floating dtype than x: the adapter arithmetic runs in the wider of the
 two, the frozen matmul in x's dtype, and the result has x's dtype.
+
+The scaling γ multiplies the rank-r u before it is expanded (γu · Bᵀ), as in
+every backend and plan: in half precision u · Bᵀ alone can overflow where the
+scaled term does not.
 """
 
 import torch
@@ -30,7 +34,7 @@ def lorfa_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_se
     dtype = _wider(x, lora_A)
     x_hat = apply_dropout(x, dropout_p, dropout_seed).to(dtype)
     u = x_hat @ lora_A.to(dtype).T
-    x_tilde = x.to(dtype) + scaling * (u @ lora_B.to(dtype).T)
+    x_tilde = x.to(dtype) + (scaling * u) @ lora_B.to(dtype).T
     return F.linear(x_tilde.to(x.dtype), weight, bias)
 
 
@@ -39,7 +43,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_see
     dtype = _wider(x, lora_A)
     x_hat = apply_dropout(x, dropout_p, dropout_seed).to(dtype)
     u = x_hat @ lora_A.to(dtype).T
-    y = F.linear(x, weight, bias).to(dtype) + scaling * (u @ lora_B.to(dtype).T)
+    y = F.linear(x, weight, bias).to(dtype) + (scaling * u) @ lora_B.to(dtype).T
     return y.to(x.dtype)
 
 
@@ -78,7 +82,7 @@ def lorfa_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_
 
     def row(i, a):
         u = As[a] @ x_hat[i]
-        x_tilde = x[i].to(dtype) + gammas[a] * (Bs[a] @ u)
+        x_tilde = x[i].to(dtype) + Bs[a] @ (gammas[a] * u)
         return F.linear(x_tilde.to(x.dtype), weight, bias)
 
     return _per_row(x, weight, bias, ids, row, (lora_A, lora_B))
@@ -91,7 +95,7 @@ def lora_linear_indexed(x, weight, bias, lora_A, lora_B, scaling, ids, dropout_p
 
     def row(i, a):
         u = As[a] @ x_hat[i]
-        y = F.linear(x[i], weight, bias).to(dtype) + gammas[a] * (Bs[a] @ u)
+        y = F.linear(x[i], weight, bias).to(dtype) + Bs[a] @ (gammas[a] * u)
         return y.to(x.dtype)
 
     return _per_row(x, weight, bias, ids, row, (lora_A, lora_B))

@@ -187,24 +187,26 @@ class LowRankFunction(torch.autograd.Function):
 
         # du and dB from the gradient where the low-rank term enters: at x̃
         # (input form: g = dy W0 is ∂L/∂x̃) or at y (merged and output forms).
+        # γ scales a rank-r factor before each product, as in the forward, so a
+        # half-precision product cannot overflow where the scaled one would not.
         g = None
         if ctx.merged:
             C = _low_rank_C(weight, B, form)
-            du = (dy @ C).mul_(scaling)
+            du = dy @ (C * scaling)
             if need_x:
                 dx = dy @ _merged_weight(weight, C, A, scaling)  # dy (W0 + γ C A)
         elif form == LORFA_INPUT:
             g = dy @ weight
-            du = (g @ B).mul_(scaling)
+            du = g @ (B * scaling)
         else:
             g = dy @ weight if need_x else None
-            du = (dy @ _low_rank_C(weight, B, form)).mul_(scaling)
+            du = dy @ _low_rank_C(weight, B * scaling, form)
         if need_B:
             # gᵀ u and dyᵀ u as (uᵀ g)ᵀ and (uᵀ dy)ᵀ: the orientation the CPU's GEMMs run fastest
             if form == LORFA_INPUT and not ctx.merged:
-                dB = (u.T @ g).mul_(scaling).T.contiguous()
+                dB = ((u * scaling).T @ g).T.contiguous()
             else:
-                dC = (u.T @ dy).mul_(scaling).T
+                dC = ((u * scaling).T @ dy).T
                 dB = dC.contiguous() if form == LORA else weight.T @ dC
         if need_A:
             dA = du.T @ apply_dropout(x, p, seed)

@@ -58,7 +58,6 @@ class RowGroups:
         self.plan = plan
         self.active = ids >= 0
         self.clamped = ids.clamp(min=0)
-        self._gammas = None
         if plan == GROUPED:
             sorted_ids, self.perm = torch.sort(ids, stable=True)
             present, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
@@ -68,12 +67,6 @@ class RowGroups:
                 if adapter >= 0:
                     self.segments.append((adapter, start, start + count))
                 start += count
-
-    def gammas(self, gamma):
-        """The (n,) scaling tensor as Python floats (GROUPED passes them as matmul alphas)."""
-        if self._gammas is None:
-            self._gammas = gamma.tolist()
-        return self._gammas
 
     def per_row(self, values, fill):
         """(n, ...) values gathered per row, `fill` for the rows with id -1."""
@@ -97,24 +90,28 @@ def shrink(rows, x, factor):
 
 
 def expand_into(rows, target, u, factor, gamma=None):
-    """target_i += γ_a factor_a u_i in place, for target (M, D), u (M, r),
-    factor (n, D, r) and gamma (n,) (None: 1); rows with id -1 are left alone."""
+    """target_i += factor_a (γ_a u_i) in place, for target (M, D), u (M, r),
+    factor (n, D, r) and gamma (n,) (None: 1); rows with id -1 are left alone,
+    whatever values any adapter holds."""
+    if gamma is not None:
+        # γ scales the rank-r u before it is expanded, in every plan: in half
+        # precision u·Bᵀ alone may overflow where γ·u·Bᵀ does not.
+        u = u * rows.per_row(gamma, 0.0).unsqueeze(1)
+    u = u.to(target.dtype)
     if rows.plan == GATHER:
-        per_row = factor.index_select(0, rows.clamped).to(target.dtype)  # (M, D, r)
-        if gamma is not None:
-            u = u * rows.per_row(gamma, 0.0).unsqueeze(1)
-        u = u.masked_fill(~rows.active.unsqueeze(1), 0.0).to(target.dtype)
+        # rows with id -1 get a zero factor and a zero u, not adapter 0's
+        # factor times 0: 0 · NaN would be NaN
+        per_row = rows.per_row(factor, 0.0).to(target.dtype)  # (M, D, r)
+        u = u.masked_fill(~rows.active.unsqueeze(1), 0.0)
         target.unsqueeze(1).baddbmm_(u.unsqueeze(1), per_row.transpose(1, 2))
         return target
-    alphas = rows.gammas(gamma) if gamma is not None else None
     u_sorted = u.index_select(0, rows.perm)
     chunk = max(1, CHUNK_ELEMENTS // max(target.shape[1], 1))
     for adapter, start, end in rows.segments:
         f = factor[adapter].to(target.dtype)
-        alpha = 1.0 if alphas is None else alphas[adapter]
         for first in range(start, end, chunk):
             last = min(first + chunk, end)
-            target.index_add_(0, rows.perm[first:last], u_sorted[first:last] @ f.T, alpha=alpha)
+            target.index_add_(0, rows.perm[first:last], u_sorted[first:last] @ f.T)
     return target
 
 

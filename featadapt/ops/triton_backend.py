@@ -5,7 +5,9 @@ The kernels live in featadapt.kernels.triton and are registered as torch
 custom ops (featadapt::scaled_gemm, ...). They run on CUDA tensors, or on CPU
 tensors under TRITON_INTERPRET=1 (set before importing featadapt), which is
 how the tests check them without a GPU; automatic dispatch never sends CPU
-tensors to the interpreter, only backend="triton" does.
+tensors to the interpreter, only backend="triton" does. On CUDA, automatic
+dispatch picks it only where the dispatch table lists a measurement
+(dispatch_table.py).
 
 Calls with adapter_index= (many adapters in one batch) run the indexed forward
 kernels (featadapt.kernels.triton.indexed_ops) and the torch backend's
@@ -16,6 +18,7 @@ import torch
 
 from .dispatch import Backend  # dispatch imports this module last, once Backend exists
 from .fused import KernelSet, dtype_reasons, float64_refusal, fused_ops
+from .kernel_fallback import with_fallback
 from .triton_indexed import indexed_fused_ops
 
 try:
@@ -71,4 +74,7 @@ BACKEND = Backend(
     unavailable_reason=unavailable_reason,
     not_supported_reasons=not_supported_reasons,
     auto_skip_reasons=auto_skip_reasons,
+    needs_measurement=True,
+    auto_ops={**fused_ops(with_fallback("triton", KERNELS)),
+              **indexed_fused_ops(with_fallback("triton", INDEXED_KERNELS))},
 )

@@ -120,6 +120,11 @@ def check_adapter_ids(op, ids, n_adapters):
     one id every row has, when they all have the same, else None."""
     if ids.numel() == 0 or torch.compiler.is_compiling():
         return None  # (a data-dependent check would break the graph; eager calls run it)
+    if ids.device.type == "meta":
+        raise ValueError(
+            f"{op}: adapter_index must be a tensor with values (its ids choose each row's adapter), "
+            "got a tensor on the meta device"
+        )
     low, high = (int(v) for v in torch.aminmax(ids))
     if low < -1 or high >= n_adapters:
         bad = low if low < -1 else high

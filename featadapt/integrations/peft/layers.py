@@ -28,6 +28,7 @@ from ...nn.bases import (
     guard_bnb_cpu_repacking,
     is_conv1d,
     merge_dtype,
+    overridden_forward,
     quantized_description,
     requantize_merged,
     restore_bias,
@@ -36,7 +37,7 @@ from ...nn.bases import (
     write_merged_bias,
 )
 from ...nn.input_channels import check_shift_mergeable, map_input_channels, scale_input_channels
-from .mixed_batches import check_mixed_batch_args, mixed_batch_ids, shared_dropout
+from .mixed_batches import call_adapter_names, check_mixed_batch_args, mixed_batch_ids, shared_dropout
 
 BASES = ("an nn.Linear, transformers' Conv1D, a quantized linear (bitsandbytes Linear4bit/Linear8bitLt, "
          "torchao weight-only) or an nn.Conv1d/2d/3d")
@@ -68,8 +69,9 @@ def unsupported_base_reason(module):
                 "feature-space adapters apply to layers with input features")
     if isinstance(module, NonDynamicallyQuantizableLinear):
         return "nn.MultiheadAttention reads its out_proj's weight directly, so an adapter there would be bypassed"
-    if base_kind(module) is not None:
-        return f"its class overrides the forward of {type(module).__mro__[1].__name__}"
+    overridden = overridden_forward(module)
+    if overridden is not None:
+        return f"its class overrides the forward of {overridden.__name__}"
     return f"featadapt's layers wrap {BASES}"
 
 
@@ -160,6 +162,8 @@ class FeatureAdapterLayer(BaseTunerLayer):
     def _feature_forward(self, x, *args, **kwargs):
         # The modules' forward (nn.Module's comes first in their MRO).
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:  # from model(..., adapter_names=...), for this thread's call only
+            adapter_names = call_adapter_names(self)
         if adapter_names is not None:
             check_mixed_batch_args(self, x, adapter_names)
         if self.disable_adapters:  # takes precedence over adapter_names, as in PEFT

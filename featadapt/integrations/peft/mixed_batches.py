@@ -1,9 +1,24 @@
 """Mixed-adapter batches (``adapter_names=[...]``): PEFT's semantics and errors,
 one adapter name per sequence, computed in one batched call per layer."""
 
+import contextvars
+
 import torch
 
 BASE_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+# The adapter_names of the model call running in this thread (or asyncio task),
+# as {id(module): names} for the modules of that model. PEFT hands them to the
+# layers with forward hooks on the shared modules, which a concurrent call would
+# overwrite; a ContextVar keeps each call's own names. (Keyed by id(), as
+# featadapt.nn.layers.SELECTED_ADAPTERS, for torch.compile.)
+CALL_ADAPTER_NAMES = contextvars.ContextVar("featadapt_peft_adapter_names", default=None)
+
+
+def call_adapter_names(module):
+    """The adapter_names of the current model call for `module`, or None."""
+    names = CALL_ADAPTER_NAMES.get()
+    return None if names is None else names.get(id(module))
 
 
 def check_mixed_batch_args(layer, x, adapter_names):

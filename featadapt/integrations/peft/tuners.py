@@ -20,9 +20,16 @@ from .black_box import LoRFAPeftBlackBox, VeFAPeftBlackBox
 from .configs import LoRFAConfig, VeFAConfig, check_bool
 from .fused import LoRFAPeftLinear, VeFAPeftLinear
 from .layers import BASES, FeatureAdapterLayer, LoRFALayer, VeFALayer, peft_base_kind, unsupported_base_reason
-from .mixed_batches import BASE_NAME
+from .mixed_batches import BASE_NAME, CALL_ADAPTER_NAMES, call_adapter_names
 from .peft_types import peft_type_member
 from .weighted import add_weighted_lorfa, add_weighted_vefa
+
+
+def _pass_call_adapter_names(module, args, kwargs):
+    names = call_adapter_names(module)
+    if names is not None:
+        kwargs["adapter_names"] = names
+    return args, kwargs
 
 
 class _FeatureAdapterModel(BaseTuner):
@@ -101,7 +108,8 @@ class _FeatureAdapterModel(BaseTuner):
         """`model(..., adapter_names=[...])`: one adapter name per sequence, as PEFT's LoRA
         takes it (PeftModel.forward and generate enter this context). Hands the names
         to every adapter layer (and modules_to_save wrapper) for the duration of the
-        call; PEFT's errors for training mode and unknown names; with beam search each
+        call, in a ContextVar, so that calls in other threads keep their own names;
+        PEFT's errors for training mode and unknown names; with beam search each
         name is repeated num_beams times."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
@@ -122,20 +130,20 @@ class _FeatureAdapterModel(BaseTuner):
                 raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
 
-        def pass_names(module, args, kwargs):
-            kwargs["adapter_names"] = adapter_names
-            return args, kwargs
-
-        handles = [
-            module.register_forward_pre_hook(pass_names, with_kwargs=True)
-            for module in self.modules()
-            if isinstance(module, (self.tuner_layer_cls, AuxiliaryTrainingWrapper))
-        ]
+        receivers = [m for m in self.modules() if isinstance(m, (self.tuner_layer_cls, AuxiliaryTrainingWrapper))]
+        # an enclosing call's names (another model's) stay in force
+        names = {**(CALL_ADAPTER_NAMES.get() or {}), **{id(module): adapter_names for module in receivers}}
+        token = CALL_ADAPTER_NAMES.set(names)
+        # PEFT's modules_to_save wrappers take the names as an argument: a hook passes
+        # them, read from the ContextVar, so a hook left by a concurrent call is harmless
+        handles = [module.register_forward_pre_hook(_pass_call_adapter_names, with_kwargs=True)
+                   for module in receivers if isinstance(module, AuxiliaryTrainingWrapper)]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            CALL_ADAPTER_NAMES.reset(token)
 
 
 class VeFAModel(_FeatureAdapterModel):

@@ -22,6 +22,7 @@ kernels are interpreted is decided when this package is imported: set the
 variable before importing featadapt.
 """
 
+import contextlib
 import os
 
 import torch
@@ -31,6 +32,7 @@ from torch.library import wrap_triton
 from .jit.configs import (  # noqa: F401  (the launchers' shared choices, re-exported)
     GROUP_M,
     INTERPRET,
+    RULE_INPUTS,
     m_bucket,
     partial_block_m,
     prune_for_few_tokens,
@@ -89,11 +91,49 @@ def compute_capability(device):
     return major * 10 + minor
 
 
+# The self-check (featadapt.check_backends) runs every kept configuration: while
+# `pinned_config(i)` is active, each launch runs the i-th configuration the rule
+# keeps for its arguments (modulo their number). A process-wide setting, not a
+# per-thread one: backward runs on autograd's own threads.
+_PIN = {"index": None, "most_kept": 0}
+
+
+@contextlib.contextmanager
+def pinned_config(index):
+    """Launch every tuned kernel with the `index`-th kept configuration inside
+    the block; yields a dict whose "most_kept" is the largest number of kept
+    configurations any launch had (iterate index up to it to cover them all)."""
+    previous = dict(_PIN)
+    _PIN.update(index=index, most_kept=0)
+    try:
+        yield _PIN
+    finally:
+        _PIN.update(previous)
+
+
+def pinned_config_index():
+    return _PIN["index"]
+
+
+def device_guard(tensor):
+    """The tensor's CUDA device made current for a launch: triton launches on the
+    current device, which with several GPUs (device_map="auto") need not be the
+    tensor's. Compiled code sets the device itself (and dynamo need not trace this)."""
+    if tensor.device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
+
+
+def _first_tensor(args):
+    return next(v for v in args.values() if isinstance(v, torch.Tensor))
+
+
 def launch_fixed(kernel, grid, args):
     """Launch a jit kernel that is not autotuned (its blocks are in `args`): through
     wrap_triton, so that torch.compile traces it. Under the interpreter directly:
     torch before 2.12 cannot wrap an interpreted kernel, and nothing traces it there."""
-    (kernel if INTERPRET else wrap_triton(kernel))[grid](**args)
+    with device_guard(_first_tensor(args)):
+        (kernel if INTERPRET else wrap_triton(kernel))[grid](**args)
 
 
 class TunedKernel:
@@ -105,19 +145,30 @@ class TunedKernel:
     def __init__(self, name, kernel, configs, key, operand, few_tokens=False):
         self.name, self.kernel, self.configs = name, kernel, configs
         self.operand, self.few_tokens = operand, few_tokens
-        self.autotuner = triton.autotune(configs=configs, key=key,
+        # The key holds every argument the pruning rule reads, so a configuration
+        # chosen for one variant (dropout, true float32, ...) is never reused for another.
+        tuned = set().union(*(c.kwargs for c in configs))
+        self.key = list(key) + [a for a in RULE_INPUTS if a in kernel.arg_names and a not in tuned and a not in key]
+        self.autotuner = triton.autotune(configs=configs, key=self.key,
                                          prune_configs_by={"early_config_prune": self._usable})(kernel)
 
     def _usable(self, configs, named_args, **kwargs):
-        args = {**(named_args or {}), **kwargs}
         if INTERPRET:
             return configs
+        return self.kept({**(named_args or {}), **kwargs}, configs)[:autotune_limit()]
+
+    def kept(self, args, configs=None):
+        """The configurations the rule keeps for these arguments (all of them: no autotune limit)."""
+        if INTERPRET:
+            return self.configs[:1]
+        configs = self.configs if configs is None else configs
         if self.few_tokens:
             configs = prune_for_few_tokens(configs, args)
         operand = args[self.operand]
         dtype = SHORT_NAMES[str(operand.dtype).removeprefix("torch.")]
         kept = usable_configs(self.name, configs, args, dtype, compute_capability(operand.device))
-        return kept[:autotune_limit()]
+        _PIN["most_kept"] = max(_PIN["most_kept"], len(kept))
+        return kept
 
     def fixed(self, args):
         """The configuration for these arguments with autotuning off."""
@@ -130,9 +181,16 @@ class TunedKernel:
     def launch(self, grid, args):
         # (the interpreter's autotuner holds one configuration and benchmarks
         # nothing; torch before 2.12 cannot wrap an interpreted kernel itself)
-        if INTERPRET or autotune_enabled():
-            wrap_triton(self.autotuner)[grid](**args)
-        else:
-            config = self.fixed(args)
-            wrap_triton(self.kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
-                                          num_stages=config.num_stages)
+        pinned = pinned_config_index()
+        with device_guard(args[self.operand]):
+            if pinned is not None and not INTERPRET:
+                kept = self.kept(args)
+                self._launch_config(grid, args, kept[pinned % len(kept)])
+            elif INTERPRET or autotune_enabled():
+                wrap_triton(self.autotuner)[grid](**args)
+            else:
+                self._launch_config(grid, args, self.fixed(args))
+
+    def _launch_config(self, grid, args, config):
+        wrap_triton(self.kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
+                                      num_stages=config.num_stages)

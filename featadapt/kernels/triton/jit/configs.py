@@ -169,6 +169,13 @@ def prune_for_few_tokens(configs, named_args, **kwargs):
 
 # -- the pruning rule -------------------------------------------------------------
 
+# Every launch argument the rule (and prune_for_few_tokens) reads besides the
+# configuration's own tile sizes: the autotune key must hold each one a kernel
+# has, so that what was tuned for one variant is not reused for another
+# (tests/test_triton_dispatch.py derives the set from the rule itself).
+RULE_INPUTS = ("M_BUCKET", "BLOCK_M", "BLOCK_N", "BLOCK_R", "HAS_SHIFT", "HAS_DROPOUT", "WRITE_DSCALE",
+               "INPUT_PRECISION")
+
 
 def staged_tiles(kernel_name, meta):
     """(rows, cols) of every operand tile the kernel's pipelined loop stages in
@@ -190,7 +197,9 @@ def staged_tiles(kernel_name, meta):
         operands += [(bm, bd)] * (2 if meta.get("HAS_SHIFT") else 1)
     registers = [(bm, bc)]
     if meta.get("HAS_DROPOUT"):
-        registers.append((bm, bc))  # the low-rank part has its own until the keep mask scales it
+        # the low-rank part has its own until the keep mask scales it, and the
+        # mask's tile, loaded beside both, takes a register per element once converted
+        registers += [(bm, bc), (bm, bc)]
     if meta.get("WRITE_DSCALE"):
         registers.append((bm, bc))  # the x tile that ds = Σ x ⊙ g multiplies
     return operands, registers

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .configs import dy_grads_blocks, dy_grads_configs, input_precision, m_bucket, rank_block, tile_configs
-from .specs import ACTIVATION_DTYPES, ALLOW_TF32, KernelSpec, cases_over, tensor
+from .specs import ACTIVATION_DTYPES, ALLOW_TF32, KEEP_MASK_DTYPE, KernelSpec, cases_over, tensor
 from .tiles import accumulate_dot, output_tile
 
 
@@ -201,7 +201,7 @@ def _dx_cases(shape):
     for act in ACTIVATION_DTYPES:
         for c in cases_over(dropout=(False, True), allow_tf32=ALLOW_TF32):
             yield dict(dy=tensor(act, m, n), weight=tensor(act, n, k), du=tensor(act, m, r), a=tensor(act, r, k),
-                       keep=tensor("bool" if c["dropout"] else None, m, k), keep_scale=1.0 / 0.9,
+                       keep=tensor(KEEP_MASK_DTYPE if c["dropout"] else None, m, k), keep_scale=1.0 / 0.9,
                        dx=tensor(act, m, k), allow_tf32=c["allow_tf32"])
 
 

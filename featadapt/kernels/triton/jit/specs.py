@@ -18,6 +18,8 @@ ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 PARAMETER_DTYPES = {"float32": ("float32",), "float16": ("float16", "float32"), "bfloat16": ("bfloat16", "float32")}
 # tl.dot's float32 precision follows torch.backends.cuda.matmul.allow_tf32: both are possible.
 ALLOW_TF32 = (False, True)
+# The dropout keep mask's dtype, as featadapt/ops/dropout.py draws it (a test checks they agree).
+KEEP_MASK_DTYPE = "bool"
 # Triton's short names, for reports and the pruning rule.
 SHORT_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "bool": "i1", "int64": "i64"}
 
