@@ -203,3 +203,10 @@ from . import cuda_backend, triton_backend  # noqa: E402
 
 register_backend(triton_backend.BACKEND)
 register_backend(cuda_backend.BACKEND)
+
+# Read the table now, outside any torch.compile trace (which cannot open a
+# file); a malformed table named by the environment raises at the first call.
+try:
+    dispatch_table.entries()
+except dispatch_table.DispatchTableError:
+    pass

@@ -25,7 +25,6 @@ forward+backward time of `backend` over `torch`'s (below 1: faster).
 import json
 import math
 import os
-import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -129,7 +128,6 @@ def parse_table(data, source):
     return tuple(entries)
 
 
-_lock = threading.Lock()
 _loaded = {}  # path -> entries, read once per path
 
 
@@ -153,17 +151,18 @@ def read_table(path):
 
 def entries():
     """The entries of the table in force, read once per path (reload() reads again)."""
+    # No lock: torch.compile traces this on every call and cannot trace one;
+    # two threads that both read the file store the same entries.
     path = table_path()
-    with _lock:
-        if path not in _loaded:
-            _loaded[path] = read_table(path)
-        return _loaded[path]
+    cached = _loaded.get(path)
+    if cached is None:
+        cached = _loaded[path] = read_table(path)
+    return cached
 
 
 def reload():
     """Forget the tables read so far: the next call reads the file again."""
-    with _lock:
-        _loaded.clear()
+    _loaded.clear()
 
 
 def lookup(op, tensors):

@@ -88,8 +88,7 @@ def record_failure(backend, device, op, dtype, error):
 
 def failure_reason(backend, device, op, dtype):
     """Why automatic dispatch no longer picks `backend` for this case, or None."""
-    with _lock:
-        error = _failed.get((backend, device, op, dtype))
+    error = _failed.get((backend, device, op, dtype))  # a dict read needs no lock (and compiles)
     if error is None:
         return None
     return f"its kernel failed to compile or launch for {op} {dtype} on {device} earlier in this process ({error})"
