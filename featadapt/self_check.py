@@ -176,10 +176,11 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def _check_one(case, inputs, dtype, backend, device, seed, config):
-    row = CheckRow(backend, case.op, str(dtype).removeprefix("torch."), case.label, config, "FAIL")
+def _check_one(case, inputs, expected, dtype, backend, device, seed):
+    """One row: `backend` in `dtype` against `expected`, the float64 reference's (y, grads)."""
+    row = CheckRow(backend, case.op, str(dtype).removeprefix("torch."), case.label, "-", "FAIL")
+    y_ref, grads_ref = expected
     try:
-        y_ref, grads_ref = _run(case, inputs, torch.float64, "reference", seed)
         y, grads = _run(case, inputs, dtype, backend, seed)
         _synchronize(device)
         start = time.perf_counter()
@@ -279,6 +280,7 @@ def _check_all(chosen, all_cases, wanted_ops, dtypes, device, seed, all_configs,
     for case in [c for c in all_cases if c.op in wanted_ops]:
         generator = torch.Generator().manual_seed(seed)
         inputs = _inputs(case, torch.float64, device, generator)
+        expected = _run(case, inputs, torch.float64, "reference", seed)  # once a case, for every row
         for backend in chosen:
             for dtype in dtypes:
                 name = str(dtype).removeprefix("torch.")
@@ -287,7 +289,7 @@ def _check_all(chosen, all_cases, wanted_ops, dtypes, device, seed, all_configs,
                     add(CheckRow(backend.name, case.op, name, case.label, "-", "skip", detail=why))
                     continue
                 for pin in _pinned_runs(backend.name, device) if all_configs else [None]:
-                    row = _check_one(case, inputs, dtype, backend.name, device, seed, "-")
+                    row = _check_one(case, inputs, expected, dtype, backend.name, device, seed)
                     if pin is not None:
                         row.config = f"kept {pin['index'] + 1} of {pin['most_kept']}"
                     add(row)

@@ -5,11 +5,18 @@ import math
 import os
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import featadapt
+from featadapt.ops import dispatch
 from featadapt.profiling import saved_activation_bytes  # noqa: F401  (re-exported for the tests)
+
+# Where the kernel tests run: the GPU when there is one, else the CPU (Triton's interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_TRITON_UNAVAILABLE = dispatch.get_backend("triton").unavailable_reason()
+triton_runs = pytest.mark.skipif(_TRITON_UNAVAILABLE is not None, reason=f"triton backend: {_TRITON_UNAVAILABLE}")
 
 # Relative error allowed against the float64 reference (DESIGN.md §4).
 TOL = {

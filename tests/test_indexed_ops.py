@@ -14,14 +14,10 @@ import torch
 
 import featadapt
 from featadapt.ops import BackendUnavailableError, dispatch, torch_indexed
-from helpers import OpRecorder, TOL, rel_err, saved_activation_bytes
+from helpers import DEVICE, OpRecorder, TOL, rel_err, saved_activation_bytes, triton_runs
 
 METHODS = ("vefa", "lorfa", "lora")
 OPS = {"vefa": featadapt.vefa_linear, "lorfa": featadapt.lorfa_linear, "lora": featadapt.lora_linear}
-TRITON = dispatch.get_backend("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-triton_runs = pytest.mark.skipif(TRITON.unavailable_reason() is not None,
-                                 reason=f"triton backend: {TRITON.unavailable_reason()}")
 pytestmark = pytest.mark.usefixtures("true_float32")
 
 

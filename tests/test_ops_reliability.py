@@ -14,16 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import featadapt
-from featadapt.ops import dispatch, torch_indexed
-from helpers import TOL, rel_err
+from featadapt.ops import torch_indexed
+from helpers import DEVICE, TOL, rel_err, triton_runs
 
 METHODS = ("vefa", "lorfa", "lora")
 LOW_RANK = ("lorfa", "lora")
 OPS = {"vefa": featadapt.vefa_linear, "lorfa": featadapt.lorfa_linear, "lora": featadapt.lora_linear}
-TRITON = dispatch.get_backend("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-triton_runs = pytest.mark.skipif(TRITON.unavailable_reason() is not None,
-                                 reason=f"triton backend: {TRITON.unavailable_reason()}")
 pytestmark = pytest.mark.usefixtures("true_float32")
 
 GATHER, GROUPED = torch_indexed.GATHER, torch_indexed.GROUPED

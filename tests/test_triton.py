@@ -23,6 +23,7 @@ import torch
 import featadapt
 from featadapt.ops import dispatch, dispatch_table, triton_backend
 from helpers import (
+    DEVICE,
     KERNEL_DTYPES,
     METHODS,
     Case,
@@ -38,16 +39,14 @@ from helpers import (
     strided_parameter_inputs,
     to_device,
     to_float64,
+    triton_runs,
 )
 
 kernels = pytest.importorskip("featadapt.kernels.triton", reason="triton is not importable")
 low_rank_dy_grads = pytest.importorskip("featadapt.kernels.triton.low_rank_gemm").low_rank_dy_grads
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = dispatch.get_backend("triton")
-runs_here = pytest.mark.skipif(
-    BACKEND.unavailable_reason() is not None, reason=f"triton backend: {BACKEND.unavailable_reason()}"
-)
+runs_here = triton_runs
 interpreter_only = pytest.mark.skipif(not kernels.INTERPRET, reason="needs TRITON_INTERPRET=1")
 LOW_RANK = ("lorfa", "lora")
 pytestmark = pytest.mark.usefixtures("true_float32")

@@ -50,12 +50,12 @@ def rule_inputs(name, monkeypatch):
     """Every launch argument the pruning rule and the few-tokens pruning read for
     kernel `name`, over every ahead-of-time case at the representative shape."""
     read = set()
+    # both take the launch arguments second: staged_tiles(name, meta), prune_for_few_tokens(configs, args)
     for function in ("staged_tiles", "prune_for_few_tokens"):
         original = getattr(configs, function)
         monkeypatch.setattr(configs, function,
                             lambda first, meta, *rest, _original=original: _original(first, Recording(meta, read),
-                                                                                      *rest)
-                            if isinstance(first, str) else _original(first, Recording(meta, read), *rest))
+                                                                                      *rest))
     spec = SPECS[name]
     for case in spec.cases(REPRESENTATIVE_SHAPE):
         args = spec.launch_args(**case)

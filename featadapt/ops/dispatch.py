@@ -117,7 +117,11 @@ class Choice:
 
     backend: Backend
     ops: Dict[str, Callable]
-    why: str
+    explain: Callable[[], str]  # the reason, written only when asked for (not on every op call)
+
+    @property
+    def why(self):
+        return self.explain()
 
 
 def _auto_choice(op, tensors):
@@ -133,7 +137,7 @@ def _auto_choice(op, tensors):
             reasons += [failed] if failed else []
         if not reasons:
             return Choice(measured, measured.auto_ops or measured.ops,
-                          f"the dispatch table: {entry.describe()}")
+                          lambda: f"the dispatch table: {entry.describe()}")
         passed_over = f"; the table's {entry.backend} passed over: {'; '.join(reasons)}"
     rejected = []
     for candidate in backends():
@@ -141,9 +145,11 @@ def _auto_choice(op, tensors):
             continue
         reasons = candidate.reasons_against(op, tensors, auto=True)
         if not reasons:
-            why = "no measurement" if entry is None else "measured"
-            return Choice(candidate, candidate.ops,
-                          f"{why} for {dispatch_table.describe_case(case)}{passed_over}: {candidate.name}")
+            def explain(name=candidate.name):
+                measured_case = case or dispatch_table.case_of(op, tensors)
+                why = "no measurement" if entry is None else "measured"
+                return f"{why} for {dispatch_table.describe_case(measured_case)}{passed_over}: {name}"
+            return Choice(candidate, candidate.ops, explain)
         rejected.append(f"{candidate.name}: {'; '.join(reasons)}")
     raise BackendUnavailableError(f"no backend can run {op}: " + " | ".join(rejected))
 
@@ -160,7 +166,7 @@ def choose(op, tensors, backend=None):
         raise BackendUnavailableError(
             f"backend {name!r} (from {source}) cannot run {op}: {'; '.join(reasons)}"
         )
-    return Choice(chosen, chosen.ops, f"asked for by name ({source})")
+    return Choice(chosen, chosen.ops, lambda: f"asked for by name ({source})")
 
 
 def select_backend(op, tensors, backend=None):

@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from . import dispatch_table
+
 # Launch failures a retry on other code can cure; anything else (an illegal
 # address, a wrong answer) is not a "failure to compile or launch" and is raised.
 _LAUNCH_FAILURE_TEXT = (
@@ -187,10 +189,8 @@ def _guarded(backend, name, kernel):
             if not is_kernel_failure(raised):
                 raise
             error = raised
-        from .dispatch_table import device_class
-
         first_tensor = next(a for a in args if isinstance(a, torch.Tensor))
-        device = device_class(first_tensor.device)
+        device = dispatch_table.device_class(first_tensor.device)
         dtype = str(first_tensor.dtype).removeprefix("torch.")
         new = [record_failure(backend, device, op, dtype, error) for op in KERNEL_OPS[name]]
         if any(new):
