@@ -133,6 +133,14 @@ def _check_name(name):
         raise ValueError(f"adapter name must be a non-empty string other than '__base__', got {name!r}")
 
 
+def _check_hold_named_adapters(layers, caller):
+    """Every (name, adapter layer) pair is one that can hold named adapters."""
+    for layer_name, layer in layers:
+        if not isinstance(layer, AdapterLinear):
+            raise TypeError(f"{caller}: module {layer_name!r} is a {type(layer).__name__}, which holds no "
+                            f"named adapters (only adapters on {BASE_TYPES} do)")
+
+
 def _entry_shapes(layer, spec):
     """{parameter: shape} of a named adapter of `spec` on `layer` (whose own options may differ)."""
     k, n = layer.in_features, layer.out_features
@@ -153,10 +161,7 @@ def _plan_named_adapters(model, paths, backend):
             layers = {**dict(adapter_layers(model)), **new_layers}
             if not layers:
                 raise ValueError("add_named_adapter: the model has no adapter layers; call featadapt.inject first")
-            for layer_name, layer in layers.items():
-                if not isinstance(layer, AdapterLinear):
-                    raise TypeError(f"add_named_adapter: module {layer_name!r} is a {type(layer).__name__}, which "
-                                    f"holds no named adapters (only adapters on {BASE_TYPES} do)")
+            _check_hold_named_adapters(layers.items(), "add_named_adapter")
             for layer in layers.values():
                 tensors = {p: v.detach().clone() for p, v in layer.named_parameters(recurse=False)}
                 entries.append((layer, name, _entry(layer, tensors, layer.config())))
@@ -261,10 +266,7 @@ def select_adapters(model, names):
     """
     names = list(names)
     layers = adapter_layers(model)
-    for layer_name, layer in layers:
-        if not isinstance(layer, AdapterLinear):
-            raise TypeError(f"select_adapters: module {layer_name!r} is a {type(layer).__name__}, which holds no "
-                            f"named adapters (only adapters on {BASE_TYPES} do)")
+    _check_hold_named_adapters(layers, "select_adapters")
     known = set(named_adapters(model))
     unknown = sorted({n for n in names if n not in BASE_NAMES} - known)
     if unknown:
