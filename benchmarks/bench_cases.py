@@ -238,10 +238,22 @@ def _naive_layer(name, base, rank, compiled):
     return Layer(name, method, "peer", forward, params + list(base.parameters()))
 
 
-def layer_names(bench_set, dtype):
+def _backend_takes(backend, shape, dtype):
+    """Whether `backend` runs this case: the cuda backend's CUTLASS kernels take
+    float16/bfloat16 with K and N multiples of 8 (it refuses the rest, and
+    automatic dispatch runs those on torch); the others take every case here."""
+    if backend != "cuda":
+        return True
+    from featadapt.ops import cuda_backend
+
+    x, w = torch.empty(1, shape.k, dtype=dtype), torch.empty(shape.n, shape.k, dtype=dtype)
+    return not (cuda_backend.dtype_reasons_16bit([x, w]) or cuda_backend.layout_reasons(x, w))
+
+
+def layer_names(bench_set, dtype, shape):
     """Every layer a case times, in order: the floor first."""
     names = ["floor"]
-    usable = [b.name for b in backends() if b.unavailable_reason() is None]
+    usable = [b.name for b in backends() if b.unavailable_reason() is None and _backend_takes(b.name, shape, dtype)]
     if not bench_set.with_reference:
         usable.remove("reference")
     names += [f"{m}/{b}" for m in ("vefa", "lorfa", "lora") for b in usable]

@@ -39,7 +39,7 @@ def generate_cases(metafunc, bench_set):
         return
     cases = []
     for shape, dtype in bench_set.cases:
-        names = layer_names(bench_set, dtype)
+        names = layer_names(bench_set, dtype, shape)
         cases += [LayerCase(shape, dtype, bench_set.rank, mode, name) for name in names for mode in MODES]
         if dtype == bench_set.sweep_dtype:
             low_rank = [n for n in names if n.startswith(("lora/", "lorfa/")) and not n.endswith("/reference")]

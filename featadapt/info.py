@@ -42,8 +42,14 @@ def _devices():
 def _extension():
     if cuda_kernels.IMPORT_ERROR is not None:
         return cuda_kernels.IMPORT_ERROR
-    archs = ", ".join(f"{a // 10}.{a % 10}" for a in cuda_kernels.CUDA_ARCHS)
-    return f"built for compute capabilities {archs} (PTX for the newest)"
+    built = cuda_kernels.CUDA_ARCHS
+    archs = ", ".join(f"{a // 10}.{a % 10}" for a in built)
+    kinds = []
+    if any(80 <= a < 90 for a in built):
+        kinds.append("CUTLASS sm_80 kernels, PTX for later GPUs")
+    if 90 in built:
+        kinds.append("CUTLASS sm_90a kernels for 9.0")
+    return f"built for compute capabilities {archs} ({'; '.join(kinds)})"
 
 
 def _cpu_kernel():

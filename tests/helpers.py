@@ -240,10 +240,10 @@ def tiny_gpt2(seed=0):
     return transformers.GPT2LMHeadModel(config)
 
 
-def strided_parameter_inputs(method, device):
+def strided_parameter_inputs(method, device, k=33, n=17, dtype=torch.float32):
     """Inputs for `method` whose scale, shift and bias are strided views (a
     column of a wider matrix): kernels must not read them as contiguous."""
-    t = to_device(make_inputs(method, (37,), 33, 17, r=4, requires_grad=False), device)
+    t = to_device(make_inputs(method, (37,), k, n, r=4, dtype=dtype, requires_grad=False), device)
     for name in ("scale", "shift", "bias"):
         if t.get(name) is not None:
             wide = torch.randn(t[name].shape[0], 3, device=device, dtype=t[name].dtype)

@@ -221,10 +221,11 @@ def test_save_and_load_adapters_on_gpt2(method, tmp_path):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("method", OPTIONS)
 def test_kernel_backends_read_the_transposed_weight(method, backend):
-    """The kernels read the Conv1D's transposed weight through its strides: the
-    same logits and adapter gradients as the torch backend, in float32. Without a
-    GPU the triton backend runs in Triton's interpreter (conftest sets
-    TRITON_INTERPRET=1) and the cuda backend is skipped."""
+    """The Triton kernels read the Conv1D's transposed weight through its
+    strides: the same logits and adapter gradients as the torch backend, in
+    float32. Without a GPU the triton backend runs in Triton's interpreter
+    (conftest sets TRITON_INTERPRET=1) and the cuda backend is skipped; on a
+    GPU the cuda backend refuses the transposed weight with the reason."""
     try:
         why = get_backend(backend).unavailable_reason()
     except ValueError:
@@ -236,6 +237,14 @@ def test_kernel_backends_read_the_transposed_weight(method, backend):
     featadapt.inject(model, method, **OPTIONS[method])
     perturb(model)
     ids = input_ids(length=7).to(device)
+    if backend == "cuda":
+        # CUTLASS reads row-major weights only: the cuda backend refuses the
+        # transposed one, saying so, and automatic dispatch runs it on torch.
+        for _, layer in adapter_layers(model):
+            layer.backend = "cuda"
+        with pytest.raises(featadapt.BackendUnavailableError, match="is not contiguous"):
+            model(ids)
+        return
     results = {}
     for name in ("torch", backend):
         for _, layer in adapter_layers(model):

@@ -66,3 +66,19 @@ def test_missing_results_write_nothing(tmp_path):
     done = subprocess.run([sys.executable, str(TOOL), str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "missing" in done.stderr
     assert not (tmp_path / "dispatch_table.json").exists()
+
+
+def test_the_cuda_backends_own_files_are_read_with_their_own_baseline(tmp_path):
+    """The gpu-check measures the cuda backend after its build, in bench-cuda.json
+    (with a torch baseline of that run) and self-check-cuda.json."""
+    write_results(tmp_path, [bench_row("vefa", "torch", 8192, 1.0), bench_row("vefa", "triton", 8192, 1.2)],
+                  [check_row("triton", "vefa")])
+    environment = json.loads((tmp_path / "bench-headline.json").read_text())["environment"]
+    cuda_layers = [bench_row("vefa", "torch", 8192, 2.0), bench_row("vefa", "cuda", 8192, 1.5),
+                   bench_row("lora", "torch", 8192, 2.0), bench_row("lora", "cuda", 8192, 1.0)]
+    (tmp_path / "bench-cuda.json").write_text(json.dumps({"environment": environment, "layers": cuda_layers}))
+    (tmp_path / "self-check-cuda.json").write_text(json.dumps(
+        {"rows": [check_row("cuda", "vefa"), check_row("cuda", "lora", status="FAIL")]}))
+    entries = run(tmp_path)
+    # 1.5 / 2.0 against its own run's torch (not 1.5 / 1.0 against the headline's); lora failed its check
+    assert [(e["op"], e["backend"], e["ratio"]) for e in entries] == [("vefa", "cuda", 0.75)]

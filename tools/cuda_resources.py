@@ -3,10 +3,16 @@
 and local memory (local memory is where ptxas spills), per kernel
 instantiation and architecture — the numbers `nvcc -Xptxas -v` prints
 (FEATADAPT_PTXAS_VERBOSE=1 adds that flag to the build), read back from the
-built featadapt._C with cuobjdump, so they are exactly what was linked.
+built featadapt._C with cuobjdump, so they are exactly what was linked —
+and the warnings ptxas printed while building it (e.g. C7510, wgmma
+serialised), read from a verbose build's log.
 
-    python tools/cuda_resources.py write     # benchmarks/results/cuda-resources.json
+    python tools/cuda_resources.py write [--ptxas-log LOG]   # benchmarks/results/cuda-resources.json
     python tools/cuda_resources.py check     # exit 1 if a kernel that did not spill now does
+
+(`make cuda-resources` builds verbosely for sm_80 and sm_90a and writes both.)
+CUTLASS's kernels are named by a short label (schedule, tile, dtype, the
+weight's layout, the epilogue) instead of their multi-kilobyte names.
 
 Needs no GPU and no torch: cuobjdump comes with the CUDA toolkit (or with
 triton's own NVIDIA tools).
@@ -46,11 +52,56 @@ def extension_path():
 
 
 def demangle(names):
-    filt = shutil.which("c++filt")
-    if not filt or not names:
-        return dict(zip(names, names))
-    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
-    return dict(zip(names, out.splitlines()))
+    """{mangled: readable}: c++filt, then llvm-cxxfilt for what c++filt gives up
+    on (CUTLASS 3's kernel names are too deep for it); mangled when neither can."""
+    found = dict(zip(names, names))
+    for tool in ("c++filt", "llvm-cxxfilt"):
+        filt = shutil.which(tool)
+        left = [n for n in names if found[n] == n and n.startswith("_Z")]
+        if not filt or not left:
+            continue
+        out = subprocess.run([filt], input="\n".join(left), capture_output=True, text=True, check=True).stdout
+        found.update(zip(left, out.splitlines()))
+    return found
+
+
+_TUPLE = r"cute::tuple<((?:[^<>]|<[^<>]*>)*)>"  # a stride: a tuple of ints and cute::C<n>
+_SM90 = re.compile(r"KernelTmaWarpSpecialized(\w*)>, cute::tuple<cute::C<(\d+)>, cute::C<(\d+)>, cute::C<(\d+)> >, "
+                   rf"cutlass::(\w+), {_TUPLE}, cutlass::\w+, {_TUPLE}")
+_SM80 = re.compile(r"DefaultGemmUniversal<cutlass::(\w+), cutlass::layout::RowMajor, [^,]+, \d+, cutlass::\w+, "
+                   r"cutlass::layout::(\w+), [^,]+, \d+, (?:cutlass::)?(\w+),")
+
+
+def label(name):
+    """A short, stable name for a CUTLASS kernel instantiation; other names as they are."""
+    if name.startswith("void cutlass::device_kernel<") and (match := _SM90.search(name)):
+        schedule, tm, tn, tk, dtype, _, b_stride = match.groups()
+        weight = "n-major" if b_stride.startswith("cute::C<1>") else "k-major"
+        epilogue = ("VeFA backward tree: g*s, row-tile sums of g and g*x" if "featadapt::sm90::FirstOf" in name
+                    else "LinCombPerColBias" if "LinCombPerColBias" in name else "other epilogue")
+        return f"cutlass sm90 GEMM {schedule or 'Basic'} {tm}x{tn}x{tk} {dtype}, weight {weight}: {epilogue}"
+    if name.startswith("void featadapt::sm80::entry<") and (match := _SM80.search(name)):
+        dtype, layout_b, out = match.groups()
+        weight = "k-major" if layout_b == "ColumnMajor" else "n-major"
+        return f"featadapt::sm80::entry<cutlass sm80 GEMM {dtype}, weight {weight}, out {out}>"
+    return name
+
+
+# "ptxas warning : ..." and the numbered performance notes ptxas prints as
+# info, e.g. "ptxas info : (C7510) Potential Performance Loss: wgmma.mma_async
+# instructions are serialized ..."
+_WARNING = re.compile(r"ptxas (?:warning\s*:|info\s*:\s*\(C\d+\)).*", re.IGNORECASE)
+
+
+def ptxas_warnings(log_text):
+    """The distinct ptxas warnings and performance notes in a build log (kernel names shortened)."""
+    seen = []
+    for line in log_text.splitlines():
+        if match := _WARNING.search(line):
+            text = re.sub(r"'_Z\w+'", "'<kernel>'", match.group(0).strip())
+            if text not in seen:
+                seen.append(text)
+    return seen
 
 
 def parse_resource_usage(text):
@@ -69,7 +120,7 @@ def parse_resource_usage(text):
     names = demangle(sorted({r["mangled"] for r in records}))
     for r in records:
         # the anonymous-namespace hash differs between builds: keep the readable, stable part
-        r["kernel"] = re.sub(r"\(anonymous namespace\)::", "", names[r.pop("mangled")])
+        r["kernel"] = label(re.sub(r"\(anonymous namespace\)::", "", names[r.pop("mangled")]))
     return sorted(records, key=lambda r: (r["arch"], r["kernel"]))
 
 
@@ -97,6 +148,8 @@ def main(argv=None):
     parser.add_argument("mode", choices=("write", "check", "show"))
     parser.add_argument("--extension", default=None, help="the built featadapt._C (default: the in-tree one)")
     parser.add_argument("--report", default=REPORT)
+    parser.add_argument("--ptxas-log", default=None,
+                        help="a verbose build's log (FEATADAPT_PTXAS_VERBOSE=1): its ptxas warnings go in the report")
     options = parser.parse_args(argv)
     path = options.extension or extension_path()
     if path is None:
@@ -111,9 +164,15 @@ def main(argv=None):
         sys.path.insert(0, os.path.join(ROOT, "featadapt"))
         from fileio import write_atomically
 
+        report = {"source": "cuobjdump --dump-resource-usage featadapt/_C", "kernels": current}
+        if options.ptxas_log:
+            with open(options.ptxas_log) as f:
+                report["ptxas_warnings"] = ptxas_warnings(f.read())
+            report["ptxas_warnings_source"] = "a verbose build's log (make cuda-resources)"
+
         def write(tmp):
             with open(tmp, "w") as f:
-                json.dump({"source": "cuobjdump --dump-resource-usage featadapt/_C", "kernels": current}, f, indent=1)
+                json.dump(report, f, indent=1)
                 f.write("\n")
 
         write_atomically(options.report, write)

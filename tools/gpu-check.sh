@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a GPU machine has to tell us, in one device command of at most
-# six minutes on a cold H100/H200, offline:
+# about six and a half minutes on a cold H100/H200, offline:
 #
 #   tools/gpu-check.sh RESULTS_DIR            (make gpu-check RESULTS=RESULTS_DIR)
 #   tools/gpu-check.sh --dry-run RESULTS_DIR  on a machine without a GPU: every stage
@@ -9,8 +9,11 @@
 # Stages, each capped (SIGINT first, so pytest still writes its XML), each
 # logging to RESULTS_DIR/<stage>.log, pytest stages with -x so one illegal
 # address does not poison the rest:
-#   setup      (background) the package and the CUDA extension for sm_90,
-#              offline; the Triton stages run from the tree meanwhile   [150 s]
+#   setup      (background) the package and the CUDA extension (CUTLASS's
+#              sm_80 and sm_90a kernels), offline; CUTLASS's headers come
+#              from the nvidia-cutlass wheel in build/wheels, which
+#              `make setup` downloads and the device command must carry;
+#              the Triton stages run from the tree meanwhile            [200 s]
 #   self-check featadapt.check_backends for torch and triton: bfloat16 and
 #              float16, odd shapes and the production shape, every
 #              configuration the pruning rule keeps; 4 processes side by
@@ -19,12 +22,16 @@
 #              the floor and PEFT), each fused layer's output and dx
 #              checked against the torch backend in the same run         [100 s]
 #   cuda-check the self-check of the cuda backend, once the build is in  [ 30 s]
+#   cuda-bench the headline benchmarks of the cuda backend against torch,
+#              numerics checked as in headline (the extension was not
+#              built yet when headline ran)                             [ 40 s]
 #   sanitize   compute-sanitizer memcheck, racecheck and synccheck over
 #              tools/sanitize_cases.py (odd shapes, every fused op)      [ 45 s]
 #   gpu-tests  the gpu-marked tests, as many as fit                      [ 40 s]
 # then the dispatch table from what was measured (tools/write_dispatch_table.py)
-# and summary.txt. The caps after setup add up to 325 s; setup overlaps them.
-# Outputs: self-check.json, bench-headline.json, dispatch_table.json,
+# and summary.txt. The caps after setup add up to 365 s; setup overlaps them.
+# Outputs: self-check.json, bench-headline.json, self-check-cuda.json,
+# bench-cuda.json, dispatch_table.json,
 # junit XML per pytest stage, nvidia-smi.txt, featadapt-info.txt, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +45,9 @@ PY=${PY:-.venv/bin/python}
 PYTHON=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export FEATADAPT_CUDA_ARCHS=${FEATADAPT_CUDA_ARCHS:-9.0}
+# Both CUTLASS builds: the sm_80 kernels run on the Hopper GPU from their PTX
+# when FEATADAPT_CUTLASS_ARCH=sm80 (tests/test_cuda.py), so both are checked.
+export FEATADAPT_CUDA_ARCHS=${FEATADAPT_CUDA_ARCHS:-8.0;9.0}
 export PYTHONUNBUFFERED=1
 # Offline: no package index to try, and no retries or back-off against one.
 export PIP_NO_INDEX=${PIP_NO_INDEX:-1} PIP_RETRIES=0 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -49,10 +58,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # GPU machine: its caps are four times as long.
 SLOWER=1
 [[ $DRY_RUN -eq 1 ]] && SLOWER=4
-CAP_SETUP=${CAP_SETUP:-$((150 * SLOWER))}
+CAP_SETUP=${CAP_SETUP:-$((200 * SLOWER))}
 CAP_SELF_CHECK=${CAP_SELF_CHECK:-$((110 * SLOWER))}
 CAP_HEADLINE=${CAP_HEADLINE:-$((100 * SLOWER))}
 CAP_CUDA_CHECK=${CAP_CUDA_CHECK:-$((30 * SLOWER))}
+CAP_CUDA_BENCH=${CAP_CUDA_BENCH:-$((40 * SLOWER))}
 CAP_SANITIZE=${CAP_SANITIZE:-$((45 * SLOWER))}
 CAP_TESTS=${CAP_TESTS:-$((40 * SLOWER))}
 # The benchmarks autotune over the first few kept configurations (the large
@@ -116,6 +126,16 @@ if [[ $DRY_RUN -eq 1 ]]; then
 else
     stage cuda-check "$CAP_CUDA_CHECK" "$PY" -m featadapt.info --check --backends cuda --dtypes bfloat16,float16 \
         --production --json "$RESULTS/self-check-cuda.json"
+fi
+
+# the cuda backend's headline timings, with torch's in the same run (the ratio's baseline).
+CUDA_BENCH=("$PY" -m pytest benchmarks/test_layers.py -p no:cacheprovider -q -x -k "cuda or torch")
+if [[ $DRY_RUN -eq 1 ]]; then
+    stage cuda-bench "$CAP_CUDA_BENCH" "${CUDA_BENCH[@]}" --bench-set tiny --benchmark-disable \
+        --bench-results "$RESULTS/bench-cuda.json" --junitxml="$RESULTS/cuda-bench.xml"
+else
+    stage cuda-bench "$CAP_CUDA_BENCH" "${CUDA_BENCH[@]}" --bench-set gpu-headline \
+        --bench-results "$RESULTS/bench-cuda.json" --junitxml="$RESULTS/cuda-bench.xml"
 fi
 
 # compute-sanitizer: memcheck, racecheck and synccheck over one small script.

@@ -11,7 +11,7 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-JUNIT = {"gpu-tests": "gpu-tests.xml", "headline": "headline.xml"}
+JUNIT = {"gpu-tests": "gpu-tests.xml", "headline": "headline.xml", "cuda-bench": "cuda-bench.xml"}
 EXIT_MEANING = {0: "ok", 1: "failures", 5: "no tests ran", 124: "cut off by its cap", 137: "killed"}
 
 
@@ -46,13 +46,13 @@ def stage_lines(results):
     return lines
 
 
-def headline_lines(results):
-    path = os.path.join(results, "bench-headline.json")
+def headline_lines(results, name="bench-headline.json"):
+    path = os.path.join(results, name)
     if not os.path.exists(path):
-        return ["headline: no results (bench-headline.json missing)"]
+        return [f"{name}: no results (missing)"]
     data = json.load(open(path))
     device = data.get("environment", {}).get("device", "?")
-    lines = [f"headline forward+backward on {device}: time / floor, time / peer"]
+    lines = [f"{name} forward+backward on {device}: time / floor, time / peer"]
     for row in data.get("layers", []):
         if row.get("mode") != "forward+backward" or row.get("kind") == "floor":
             continue
@@ -97,7 +97,8 @@ def main(argv=None):
         raise SystemExit(__doc__)
     results = argv[0]
     print("\n".join(["== featadapt gpu-check summary", *stage_lines(results), *self_check_lines(results),
-                     *table_lines(results), *headline_lines(results)]))
+                     *table_lines(results), *headline_lines(results),
+                     *headline_lines(results, "bench-cuda.json")]))
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Makefile's install steps, pinned by requirements/constraints.txt.
 #
-#   tools/install-env.sh PYTHON package   torch (only if none is importable), then
+#   tools/install-env.sh PYTHON package   torch (only if none is importable), CUTLASS's
+#                                         headers (nvidia-cutlass, --no-deps), then
 #                                         featadapt editable with its test and
 #                                         quantized-base extras
 #   tools/install-env.sh PYTHON demo      the demo's model and data packages
@@ -34,6 +35,18 @@ in_tree_install() {
     "$py" -c "import featadapt" # fails the set-up if even that did not work
 }
 
+# CUTLASS's headers for the extension's build: the pinned nvidia-cutlass wheel,
+# downloaded into build/wheels and installed from there, so an offline machine
+# that was given build/wheels (the gpu-check carries it) installs the same one.
+build_files() {
+    [[ "${FEATADAPT_SKIP_CUDA_BUILD:-0}" == 1 ]] && return 0
+    "$py" -m pip download -q --no-deps -d build/wheels -r requirements/build-files.in 2>/dev/null ||
+        echo "featadapt set-up: no package index; installing CUTLASS's headers from build/wheels" >&2
+    "$py" -m pip install -q --no-deps --no-index --find-links build/wheels -r requirements/build-files.in ||
+        echo "featadapt set-up: nvidia-cutlass is not installable here (no index, nothing in build/wheels):" \
+             "the CUDA extension's build will say what to do" >&2
+}
+
 offline_fallback() {
     echo "featadapt set-up: the pinned install failed (no package index reachable?);" \
          "using what is importable instead" >&2
@@ -44,6 +57,7 @@ package)
     if ! "$py" -c "import torch" 2>/dev/null; then
         "$py" -m pip install "torch==${TORCH_VERSION:?}"
     fi
+    build_files
     # setuptools>=70.1 builds editable wheels without the wheel package
     if "${pinned[@]}" "setuptools>=70.1" && "${pinned[@]}" --no-build-isolation -e ".[test,quantized]"; then
         "$py" tools/check_pins.py --require test

@@ -5,7 +5,9 @@
 
 Reads RESULTS_DIR/bench-headline.json (the benchmark: forward+backward time of
 every method on every backend, same process, same inputs) and
-RESULTS_DIR/self-check.json (python -m featadapt.info --check --json). A fused
+RESULTS_DIR/self-check.json (python -m featadapt.info --check --json), and
+where present bench-cuda.json and self-check-cuda.json (the cuda backend,
+measured once the extension is built, with its own torch baseline). A fused
 backend gets an entry for (GPU, method, dtype) only where
   - the self-check ran it for that op and dtype and no row of it failed, and
   - it was at least MARGIN faster than `torch` at a measured token count;
@@ -99,13 +101,25 @@ def main(argv=None):
     if missing:
         print(f"write_dispatch_table: missing {missing}: no table written", file=sys.stderr)
         return 1
-    with open(paths["bench-headline.json"]) as f:
-        bench = json.load(f)
-    with open(paths["self-check.json"]) as f:
-        check = json.load(f)
+    # The cuda backend is measured once the extension is built, in files of its
+    # own (each benchmark file holds its own torch baseline): read them when there.
+    benches, rows = [], []
+    for name in ("bench-headline.json", "bench-cuda.json"):
+        path = os.path.join(args.results, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                benches.append(json.load(f))
+    for name in ("self-check.json", "self-check-cuda.json"):
+        path = os.path.join(args.results, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+    found = []
+    for bench in benches:
+        found += [e for e in entries(bench, {"rows": rows}) if e not in found]
     table = {"format": 1,
              "comment": "Written by tools/write_dispatch_table.py from a GPU check's benchmark and self-check.",
-             "entries": entries(bench, check)}
+             "entries": found}
     out = args.out or os.path.join(args.results, "dispatch_table.json")
     with open(out, "w") as f:
         json.dump(table, f, indent=1)

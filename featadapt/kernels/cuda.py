@@ -1,11 +1,13 @@
-"""The CUDA C++ kernels (csrc/), compiled into the extension featadapt._C.
+"""The CUDA C++ kernels (csrc/), compiled into the extension featadapt._C:
+CUTLASS GEMMs (sm_90a and sm_80) with featadapt's epilogues.
 
 Importing the extension registers the ops featadapt::cuda_scaled_gemm,
 cuda_scaled_gemm_backward, cuda_low_rank_gemm, cuda_low_rank_gemm_dx and
-cuda_low_rank_dy_grads for CUDA tensors (csrc/ops.cpp). This module loads it
-when it was built, registers the ops' fake implementations (so
-torch.compile(fullgraph=True) can trace through them) and presents them with
-the triton kernels' signatures. `IMPORT_ERROR` says why they are missing.
+cuda_low_rank_dy_grads for CUDA tensors, and cuda_plan, which asks CUTLASS
+whether it can run a problem without running anything (csrc/ops.cpp). This
+module loads it when it was built, registers the ops' fake implementations
+(so torch.compile(fullgraph=True) can trace through them) and presents them
+with the triton kernels' signatures. `IMPORT_ERROR` says why they are missing.
 """
 
 import importlib.util
@@ -106,3 +108,19 @@ def low_rank_gemm_dx(dy, weight, du, a, keep, keep_scale):
 
 def low_rank_dy_grads(dy, u, c, scaling, need_du, need_dc):
     return _ops().cuda_low_rank_dy_grads(dy, u, c, scaling, need_du, need_dc)
+
+
+PLAN_OPS = ("vefa_forward", "vefa_backward", "low_rank_forward", "low_rank_dx")
+
+
+def plan(op, capability, dtype, m, n, k, x_row_stride=None):
+    """What CUTLASS says of one GEMM of an op before anything runs, with no GPU
+    needed: "" when its kernel for `capability` (80 or 90) can run it, else why
+    not. x is (m, k) with rows x_row_stride apart (default k), the weight (n, k);
+    for the backward ops the same sizes describe the forward they differentiate."""
+    if _C is None:
+        raise RuntimeError(IMPORT_ERROR)
+    row = k if x_row_stride is None else x_row_stride
+    if op in ("vefa_backward", "low_rank_dx"):
+        row = n if x_row_stride is None else x_row_stride  # dy (m, n) is what the GEMM reads
+    return _ops().cuda_plan(op, capability, dtype, m, n, k, row)

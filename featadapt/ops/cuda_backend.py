@@ -1,9 +1,15 @@
 """The `cuda` backend: the fused autograd Functions (fused.py) over the CUDA
-C++ kernels of csrc/ (featadapt.kernels.cuda).
+C++ kernels of csrc/ (featadapt.kernels.cuda): CUTLASS GEMMs with
+featadapt's epilogues, sm_90a kernels on Hopper and sm_80 ones elsewhere.
 
 Automatic dispatch picks it only where the dispatch table lists a
 measurement that shows it correct and faster (dispatch_table.py); its
 kernels have not yet run on a GPU (README, "CUDA extension").
+
+What CUTLASS cannot take is reported here, before anything launches
+(`layout_reasons`), and `make test` checks it against the extension's own
+plan (CUTLASS's can_implement, `kernels.plan`): 16-bit dtypes only, K and N
+multiples of 8, x row-major with 16-byte rows, a contiguous weight.
 """
 
 import torch
@@ -30,17 +36,72 @@ def unavailable_reason():
     return None
 
 
-def _runs_on(device):
-    """None when the extension has code for this GPU, else why not. PTX of the
-    newest built architecture lets newer GPUs compile it at load time."""
-    major, minor = torch.cuda.get_device_capability(device)
-    capability = 10 * major + minor
-    built = kernels.CUDA_ARCHS
-    if not built or capability in built or capability > max(built):
+def runs_on_capability(capability, built):
+    """None when an extension built for `built` (e.g. (80, 90)) has kernels for a
+    GPU of `capability` (e.g. 90), else why not. sm_90a code runs on 9.0 only;
+    the sm_80 kernels run on any later GPU (cubins within 8.x, PTX beyond)."""
+    if not built:
+        return None
+    ampere = [a for a in built if 80 <= a < 90]
+    if (capability == 90 and 90 in built) or (ampere and capability >= min(ampere)):
         return None
     listed = ", ".join(f"{a // 10}.{a % 10}" for a in built)
-    return (f"featadapt._C was compiled for compute capabilities {listed}, not {major}.{minor}: "
-            f"rebuild with FEATADAPT_CUDA_ARCHS={major}.{minor}")
+    wanted = f"{capability // 10}.{capability % 10}" if capability < 90 else "8.0"
+    return (f"featadapt._C was compiled for compute capabilities {listed}, which have no kernels for "
+            f"{capability // 10}.{capability % 10}: rebuild with FEATADAPT_CUDA_ARCHS={wanted}")
+
+
+def _runs_on(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return runs_on_capability(10 * major + minor, kernels.CUDA_ARCHS)
+
+
+CUTLASS_DTYPES = (torch.float16, torch.bfloat16)
+ALIGNMENT = 8  # elements of a 16-bit dtype in 16 bytes: TMA's and cp.async's row unit
+
+
+def _aligned(t):
+    # The allocator's blocks start 16-byte aligned (512 in practice), so the
+    # offset decides; unlike data_ptr() this also works on fake tensors.
+    return t.storage_offset() * t.element_size() % 16 == 0
+
+
+def dtype_reasons_16bit(tensors):
+    """Why the CUTLASS kernels cannot take these dtypes ([] when they can)."""
+    reasons = dtype_reasons("cuda", tensors)
+    if reasons:
+        return reasons
+    activation = tensors[0].dtype
+    if activation not in CUTLASS_DTYPES:
+        return [f"{activation} activations run on backend='torch': the cuda backend's CUTLASS kernels "
+                "multiply float16 or bfloat16 (TF32 would change float32's numerics)"]
+    return []
+
+
+def layout_reasons(x, weight):
+    """Why CUTLASS's kernels cannot take x (..., K) and weight (N, K) as they
+    are laid out ([] when they can). Device-free: the tests compare it with
+    the extension's plan (CUTLASS's can_implement) on any machine."""
+    n, k = weight.shape
+    reasons = []
+    need = (f"is not a multiple of {ALIGNMENT}: CUTLASS's kernels move 16-byte rows "
+            f"({ALIGNMENT} elements of a 16-bit dtype)")
+    if k % ALIGNMENT:
+        reasons.append(f"K = {k} {need}")
+    if n % ALIGNMENT:
+        reasons.append(f"N = {n} {need}")
+    row_major = x.is_contiguous() or (x.dim() == 2 and x.stride(1) == 1 and x.stride(0) % ALIGNMENT == 0)
+    if not row_major:
+        reasons.append(f"x (shape {tuple(x.shape)}, strides {x.stride()}) is not row-major with 16-byte rows: "
+                       "the kernels would need a copy of it")
+    if not weight.is_contiguous():
+        reasons.append(f"weight (strides {weight.stride()}) is not contiguous: the kernels would need a copy "
+                       "of it on every call (a transposed view, e.g. GPT-2's Conv1D, runs on torch)")
+    for name, t in (("x", x), ("weight", weight)):
+        if not _aligned(t):
+            reasons.append(f"{name} starts {t.storage_offset()} elements into its storage, not at a 16-byte "
+                           "boundary (TMA needs one)")
+    return reasons
 
 
 def not_supported_reasons(op, tensors):
@@ -53,7 +114,10 @@ def not_supported_reasons(op, tensors):
         why = _runs_on(device)
         if why is not None:
             reasons.append(why)
-    return reasons + dtype_reasons("cuda", present)
+    reasons += dtype_reasons_16bit(present)
+    if op in ("vefa", "lorfa", "lora"):
+        reasons += layout_reasons(tensors[0], tensors[1])
+    return reasons
 
 
 BACKEND = Backend(

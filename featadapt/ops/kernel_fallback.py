@@ -30,6 +30,7 @@ _LAUNCH_FAILURE_TEXT = (
     "ptxas",
     "invalid device function",
     "unsupported configuration",
+    "cutlass could not launch",  # the cuda backend's GEMMs (csrc/gemm_sm90.cuh, gemm_sm80.cu)
 )
 # Which ops each kernel serves, so a failure steers exactly those ops away.
 KERNEL_OPS = {
