@@ -1,11 +1,12 @@
-"""Build script: the Python package, plus the CUDA extension featadapt._C
-(the kernels in csrc/) when a CUDA toolkit and a CUDA build of torch are there.
-The GEMMs are CUTLASS's: its headers come from the nvidia-cutlass package
-(`pip install --no-deps nvidia-cutlass`, pinned in requirements/build-files.in).
-
-Without them the package installs as pure Python and the `cuda` backend says
-why it is unavailable (`python -m featadapt.info`). Build with
-`pip install --no-build-isolation .` so the build sees the installed torch.
+"""Build script: the Python package, plus the extension featadapt._C (the
+kernels in csrc/):
+  - with a CUDA toolkit and a CUDA build of torch: the CPU kernel and the CUDA
+    kernels, whose GEMMs are CUTLASS's (headers from the nvidia-cutlass package,
+    `pip install --no-deps nvidia-cutlass`, pinned in requirements/build-files.in);
+  - otherwise the CPU kernel alone (a C++ compiler is all it needs), and the
+    `cuda` backend says why it is unavailable (`python -m featadapt.info`);
+  - without torch at build time, pure Python.
+Build with `pip install --no-build-isolation .` so the build sees the installed torch.
 
 Environment:
   FEATADAPT_CUDA_ARCHS        compute capabilities to compile for, e.g. "9.0" or
@@ -14,7 +15,8 @@ Environment:
                               GPUs JIT-compile), 9.0 its Hopper ones (sm_90a)
   FEATADAPT_CUTLASS_INCLUDE   CUTLASS's include folder (default: the one the
                               installed nvidia-cutlass package ships)
-  FEATADAPT_SKIP_CUDA_BUILD=1 build the pure-Python package even with a toolkit
+  FEATADAPT_SKIP_CUDA_BUILD=1 the CPU kernel only, even with a toolkit
+  FEATADAPT_SKIP_EXTENSION=1  no extension at all: the pure-Python package
   FEATADAPT_DEBUG=1           device debug info (-G) and no optimisation
   FEATADAPT_PTXAS_VERBOSE=1   ptxas prints each kernel's registers, spills, stack and shared
                               memory (-Xptxas -v); tools/cuda_resources.py reads the same
@@ -25,6 +27,7 @@ Environment:
 
 import glob
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -34,6 +37,8 @@ from setuptools import setup
 DEFAULT_ARCHS = "8.0;9.0"
 SUPPORTED_ARCHS = ("8.0", "8.6", "8.7", "8.9", "9.0")
 SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+CPU_SOURCES = ["csrc/cpu_vefa.cpp", "csrc/module.cpp"]  # what a build without CUDA compiles
+GENERATED = os.path.join("build", "generated")  # featadapt_build_config.h (csrc/build_info.h)
 
 
 def _note(message):
@@ -76,7 +81,7 @@ def gencode_flags(archs):
 CUTLASS_MISSING = (
     "the CUDA extension's GEMMs need CUTLASS's headers: install them with "
     "`pip install --no-deps nvidia-cutlass==4.2.0.0` (the version requirements/build-files.in pins), "
-    "or point FEATADAPT_CUTLASS_INCLUDE at a CUTLASS include folder, or build without the extension "
+    "or point FEATADAPT_CUTLASS_INCLUDE at a CUTLASS include folder, or build the CPU kernel alone "
     "(FEATADAPT_SKIP_CUDA_BUILD=1)"
 )
 
@@ -95,17 +100,22 @@ def cutlass_include():
     return os.path.abspath(folder)
 
 
-def why_no_cuda_build():
-    """None when the extension can be built here, else the reason it is not."""
-    if os.environ.get("FEATADAPT_SKIP_CUDA_BUILD", "0") == "1":
-        return "FEATADAPT_SKIP_CUDA_BUILD=1"
-    if not SOURCES:
-        return "no sources in csrc/"
+def why_no_torch():
+    """None when torch is importable at build time, else why not."""
     try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME
+        import torch  # noqa: F401
     except ImportError as error:
         return f"torch is not importable at build time ({error}); build with --no-build-isolation"
+    return None
+
+
+def why_no_cuda_build():
+    """None when the CUDA kernels can be built here, else the reason they are not."""
+    if os.environ.get("FEATADAPT_SKIP_CUDA_BUILD", "0") == "1":
+        return "FEATADAPT_SKIP_CUDA_BUILD=1"
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build"
     if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
@@ -113,17 +123,57 @@ def why_no_cuda_build():
     return None
 
 
-def extension_modules():
-    why = why_no_cuda_build()
-    if why is not None:
-        _note(f"building without the CUDA extension: {why}")
-        return []
+def write_build_config(archs, no_cuda_reason):
+    """build/generated/featadapt_build_config.h: what this build decided, for
+    the library to report (csrc/build_info.h); rewritten only when it changes,
+    so an unchanged build does not recompile. Returns its folder."""
+    text = (
+        "// Written by setup.py for this build; csrc/build_info.h reads it.\n#pragma once\n"
+        f"#define FEATADAPT_CUDA_ARCH_LIST {', '.join(a.replace('.', '') for a in archs)}\n"
+        f"#define FEATADAPT_NO_CUDA_REASON {json.dumps(no_cuda_reason)}\n"
+    )
+    os.makedirs(GENERATED, exist_ok=True)
+    path = os.path.join(GENERATED, "featadapt_build_config.h")
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return os.path.abspath(GENERATED)
+
+
+def skip_extension():
+    return os.environ.get("FEATADAPT_SKIP_EXTENSION", "0") == "1"
+
+
+# -fopenmp: at::parallel_for in the CPU kernel runs its threads only when
+# compiled with OpenMP (else it is a serial loop); the extension then shares
+# the OpenMP runtime torch has loaded.
+OPENMP = ["-fopenmp"]
+
+
+def cpu_extension(why_no_cuda):
+    """featadapt._C with the CPU kernel alone: a C++ compiler and torch's headers suffice."""
+    from torch.utils.cpp_extension import CppExtension
+
+    _note(f"building featadapt._C with the CPU kernel only: {why_no_cuda}")
+    generated = write_build_config([], why_no_cuda)
+    debug = os.environ.get("FEATADAPT_DEBUG", "0") == "1"
+    return CppExtension(
+        name="featadapt._C",
+        sources=CPU_SOURCES,
+        include_dirs=[generated],
+        extra_compile_args=(["-O0", "-g"] if debug else ["-O3"]) + OPENMP,
+        extra_link_args=OPENMP,
+    )
+
+
+def cuda_extension():
+    """featadapt._C with the CPU kernel and the CUDA kernels."""
     from torch.utils.cpp_extension import CUDAExtension
 
     archs = cuda_archs(os.environ.get("FEATADAPT_CUDA_ARCHS", DEFAULT_ARCHS))
     debug = os.environ.get("FEATADAPT_DEBUG", "0") == "1"
-    arch_list = ",".join(a.replace(".", "") for a in archs)
     include = cutlass_include()
+    generated = write_build_config(archs, "")
     _note(f"building featadapt._C for compute capabilities {', '.join(archs)} (CUTLASS from {include})")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # (The C++ standard is torch's choice: its headers need their own.)
@@ -135,24 +185,29 @@ def extension_modules():
     ]
     if os.environ.get("FEATADAPT_PTXAS_VERBOSE", "0") == "1":
         nvcc += ["-Xptxas", "-v"]
-    return [
-        CUDAExtension(
-            name="featadapt._C",
-            sources=SOURCES,
-            include_dirs=[include],
-            # For ops.cpp (c++) only: nvcc splits a -D value at commas, and torch
-            # 2.11 hands define_macros to nvcc too ("macro names must be identifiers").
-            # -fopenmp: at::parallel_for in the CPU kernels runs its threads
-            # only when compiled with OpenMP (else it is a serial loop); the
-            # extension then shares the OpenMP runtime torch has loaded.
-            extra_compile_args={"cxx": [*cxx, "-fopenmp", f"-DFEATADAPT_CUDA_ARCH_LIST={arch_list}"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
-        )
-    ]
+    return CUDAExtension(
+        name="featadapt._C",
+        sources=SOURCES,
+        include_dirs=[include, generated],
+        extra_compile_args={"cxx": cxx + OPENMP, "nvcc": nvcc},
+        extra_link_args=OPENMP,
+    )
+
+
+def extension_modules():
+    if skip_extension():
+        _note("building the pure-Python package: FEATADAPT_SKIP_EXTENSION=1")
+        return []
+    why = why_no_torch()
+    if why is not None:
+        _note(f"building the pure-Python package: {why}")
+        return []
+    why_no_cuda = why_no_cuda_build()
+    return [cpu_extension(why_no_cuda) if why_no_cuda is not None else cuda_extension()]
 
 
 def build_commands():
-    if why_no_cuda_build() is not None:
+    if skip_extension() or why_no_torch() is not None:
         return {}
     from torch.utils.cpp_extension import BuildExtension
 

@@ -1,6 +1,7 @@
 """Packaging: the wheel carries the compiled extension when a toolkit is
-there and is pure Python when told to skip it; bad architecture lists are
-refused before anything compiles.
+there, the CPU kernel alone when there is none, and is pure Python when told
+to skip the extension; bad architecture lists are refused before anything
+compiles.
 
 Each build runs on a copy of the project's files (what git tracks or would
 track), so the tests see what a fresh clone would build and leave no build
@@ -63,11 +64,45 @@ def test_the_wheel_contains_the_compiled_extension(tmp_path):
     assert "-none-any" not in wheel.name  # a platform wheel, since it carries a binary
 
 
-def test_skipping_the_build_gives_a_pure_python_wheel(tmp_path):
-    wheel, names = build_wheel(tmp_path, FEATADAPT_SKIP_CUDA_BUILD="1")
+def test_skipping_the_extension_gives_a_pure_python_wheel(tmp_path):
+    wheel, names = build_wheel(tmp_path, FEATADAPT_SKIP_EXTENSION="1")
     assert wheel.name.endswith("-py3-none-any.whl")
     assert not [n for n in names if n.endswith(".so")]
     assert "featadapt/ops/cuda_backend.py" in names
+
+
+CPU_ONLY_CHECK = """
+import torch
+import featadapt
+from featadapt.kernels import cpu, cuda
+assert featadapt.__file__.startswith(UNPACKED), featadapt.__file__
+assert cpu.BUILT and cpu.capability() in cpu.CAPABILITIES
+assert not hasattr(torch.ops.featadapt, "cuda_scaled_gemm")
+assert cuda.IMPORT_ERROR.startswith("featadapt._C was built without its CUDA kernels"), cuda.IMPORT_ERROR
+assert "FEATADAPT_SKIP_CUDA_BUILD=1" in cuda.IMPORT_ERROR
+g, x, scale = torch.randn(37, 24), torch.randn(37, 24), torch.randn(24)
+expected_dx, expected_ds, expected_dt = g * scale, (g * x).sum(0), g.sum(0)
+ds, dt = cpu.vefa_input_grads(g, x, scale, True)  # g becomes dx
+torch.testing.assert_close(g, expected_dx)
+torch.testing.assert_close(ds, expected_ds, rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(dt, expected_dt, rtol=1e-5, atol=1e-5)
+print("cpu-only ok")
+"""
+
+
+def test_without_cuda_the_wheel_carries_the_cpu_kernel(tmp_path):
+    """No toolkit (here: FEATADAPT_SKIP_CUDA_BUILD=1): featadapt._C is built with
+    the CPU kernel alone, which loads, registers its op and computes; the cuda
+    backend says why it has no kernels."""
+    wheel, names = build_wheel(tmp_path, FEATADAPT_SKIP_CUDA_BUILD="1")
+    assert [n for n in names if n.startswith("featadapt/_C.") and n.endswith(".so")], names
+    assert "-none-any" not in wheel.name
+    unpacked = tmp_path / "unpacked"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    done = subprocess.run([sys.executable, "-c", f"UNPACKED = {str(unpacked)!r}\n" + CPU_ONLY_CHECK],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(unpacked)})
+    assert done.returncode == 0 and "cpu-only ok" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 @needs_toolkit

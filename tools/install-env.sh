@@ -27,7 +27,7 @@ pinned=("$py" -m pip install -c "$pins")
 in_tree_install() {
     echo "featadapt set-up: the editable install failed (setuptools missing or older than 70.1?);" \
          "putting the tree on sys.path instead" >&2
-    if [[ "${FEATADAPT_SKIP_CUDA_BUILD:-0}" != 1 ]] && "$py" -c "import setuptools" 2>/dev/null; then
+    if [[ "${FEATADAPT_SKIP_EXTENSION:-0}" != 1 ]] && "$py" -c "import setuptools" 2>/dev/null; then
         "$py" setup.py build_ext --inplace || echo "featadapt set-up: the CUDA extension was not built" >&2
     fi
     site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

@@ -1,6 +1,6 @@
 """The fused CPU kernel of the `torch` backend (csrc/cpu_vefa.cpp, on the
-vector layer csrc/cpu_simd.h), compiled into the extension featadapt._C next
-to the CUDA kernels.
+vector layer csrc/cpu_simd.h), compiled into the extension featadapt._C
+wherever it is built, with or without the CUDA kernels.
 
 featadapt::vefa_input_grads_cpu does VeFA's backward after the frozen GEMM in
 one pass: dx = g ⊙ s over g, ds = Σ_m g ⊙ x and dt = Σ_m g in float32. Its
@@ -12,7 +12,7 @@ or for tensors it does not take, the torch backend uses torch ops instead.
 
 import torch
 
-from .cuda import _C
+from .extension import _C
 
 CAPABILITY_ENV_VAR = "FEATADAPT_CPU_CAPABILITY"
 CAPABILITIES = ("default", "avx2", "avx512")

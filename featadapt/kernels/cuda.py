@@ -1,18 +1,19 @@
 """The CUDA C++ kernels (csrc/), compiled into the extension featadapt._C:
 CUTLASS GEMMs (sm_90a and sm_80) with featadapt's epilogues.
 
-Importing the extension registers the ops featadapt::cuda_scaled_gemm,
-cuda_scaled_gemm_backward, cuda_low_rank_gemm, cuda_low_rank_gemm_dx and
-cuda_low_rank_dy_grads for CUDA tensors, and cuda_plan, which asks CUTLASS
-whether it can run a problem without running anything (csrc/ops.cpp). This
-module loads it when it was built, registers the ops' fake implementations
-(so torch.compile(fullgraph=True) can trace through them) and presents them
-with the triton kernels' signatures. `IMPORT_ERROR` says why they are missing.
+Loading an extension built with CUDA (featadapt.kernels.extension) registers
+the ops featadapt::cuda_scaled_gemm, cuda_scaled_gemm_backward,
+cuda_low_rank_gemm, cuda_low_rank_gemm_dx and cuda_low_rank_dy_grads for CUDA
+tensors, and cuda_plan, which asks CUTLASS whether it can run a problem
+without running anything (csrc/cuda_ops.cpp). This module registers the ops'
+fake implementations (so torch.compile(fullgraph=True) can trace through
+them) and presents them with the triton kernels' signatures. `IMPORT_ERROR`
+says why they are missing (no extension, or one built without CUDA).
 """
 
-import importlib.util
-
 import torch
+
+from .extension import CUDA_ARCHS, LOAD_ERROR, NO_CUDA_REASON, NOT_BUILT, _C  # noqa: F401  (NOT_BUILT: re-exported)
 
 OP_NAMES = (
     "cuda_scaled_gemm",
@@ -22,25 +23,13 @@ OP_NAMES = (
     "cuda_low_rank_dy_grads",
 )
 
-NOT_BUILT = (
-    "the CUDA extension featadapt._C is not built: install from source with a CUDA toolkit "
-    "(CUDA_HOME) and a CUDA build of torch, without FEATADAPT_SKIP_CUDA_BUILD=1 (see the README)"
-)
-
-
-def _load():
-    """(the extension module, None) or (None, why it is not there)."""
-    if importlib.util.find_spec("featadapt._C") is None:
-        return None, NOT_BUILT
-    try:
-        from .. import _C
-    except ImportError as error:  # e.g. built against another torch: the C++ ABI differs
-        return None, f"featadapt._C is built but does not load ({error}); rebuild it against this torch"
-    return _C, None
-
-
-_C, IMPORT_ERROR = _load()
-CUDA_ARCHS = tuple(getattr(_C, "cuda_archs", ()))  # compute capabilities it was compiled for, e.g. (80, 90)
+if LOAD_ERROR is not None:
+    IMPORT_ERROR = LOAD_ERROR
+elif NO_CUDA_REASON is not None:
+    IMPORT_ERROR = (f"featadapt._C was built without its CUDA kernels ({NO_CUDA_REASON}): rebuild it with a CUDA "
+                    "toolkit (CUDA_HOME) and a CUDA build of torch (see the README)")
+else:
+    IMPORT_ERROR = None
 
 
 def _ops():
@@ -49,7 +38,7 @@ def _ops():
 
 # -- fake implementations: output shapes and dtypes only -----------------------
 
-if _C is not None:
+if IMPORT_ERROR is None:
 
     @torch.library.register_fake("featadapt::cuda_scaled_gemm")
     def _(x, weight, bias, scale, shift):
@@ -118,7 +107,7 @@ def plan(op, capability, dtype, m, n, k, x_row_stride=None):
     needed: "" when its kernel for `capability` (80 or 90) can run it, else why
     not. x is (m, k) with rows x_row_stride apart (default k), the weight (n, k);
     for the backward ops the same sizes describe the forward they differentiate."""
-    if _C is None:
+    if IMPORT_ERROR is not None:
         raise RuntimeError(IMPORT_ERROR)
     row = k if x_row_stride is None else x_row_stride
     if op in ("vefa_backward", "low_rank_dx"):

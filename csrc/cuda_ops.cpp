@@ -6,10 +6,7 @@
 //
 // Each op checks its inputs with messages that name the argument, what was
 // expected and what was given, allocates its outputs and launches.
-#include <Python.h>
-
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,10 +18,8 @@
 #include <string>
 #include <optional>
 #include <tuple>
-#include <vector>
 
-#include "cpu_simd.h"
-
+#include "build_info.h"
 #include "gemm.h"
 
 namespace featadapt {
@@ -130,11 +125,7 @@ DeviceInfo device_info() {
   return info;
 }
 
-// FEATADAPT_CUDA_ARCH_LIST (set by setup.py, e.g. 80,90) is the list of
-// compute capabilities the kernels were compiled for.
-#ifndef FEATADAPT_CUDA_ARCH_LIST
-#define FEATADAPT_CUDA_ARCH_LIST
-#endif
+// The compute capabilities the kernels were compiled for (build_info.h).
 constexpr int kBuiltArchs[] = {0, FEATADAPT_CUDA_ARCH_LIST};
 
 bool built_for(int capability) {
@@ -450,62 +441,4 @@ TORCH_LIBRARY_IMPL(featadapt, CUDA, m) {
   m.impl("cuda_low_rank_gemm", &featadapt::low_rank_gemm);
   m.impl("cuda_low_rank_gemm_dx", &featadapt::low_rank_gemm_dx);
   m.impl("cuda_low_rank_dy_grads", &featadapt::low_rank_dy_grads);
-}
-
-// `import featadapt._C` loads this library, which registers the ops above (and,
-// from cpu_*.cpp, the CPU ops); the module itself carries what Python reads
-// of the build: its CUDA architectures and the CPU kernels' capability and threads.
-
-// _C.cpu_capability(): the instruction set the CPU kernels use in this call's
-// environment (cpu_simd.h), so that tests and `featadapt.info` can say which.
-static PyObject* cpu_capability(PyObject*, PyObject*) {
-  try {
-    return PyUnicode_FromString(featadapt::cpu::kCapabilityNames[static_cast<int>(featadapt::cpu::capability())]);
-  } catch (const std::exception& error) {
-    PyErr_SetString(PyExc_ValueError, error.what());
-    return nullptr;
-  }
-}
-
-// _C.parallel_threads(): how many threads at::parallel_for runs here, as the
-// CPU kernels use it. Without OpenMP at build time it is a serial loop (1), a
-// regression no result would show, so the tests check this.
-static PyObject* parallel_threads(PyObject*, PyObject*) {
-  const int64_t tasks = at::get_num_threads();
-  std::vector<std::atomic<int>> seen(static_cast<size_t>(tasks));
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen[at::get_thread_num() % tasks].store(1); });
-  long used = 0;
-  for (const auto& s : seen) used += s.load();
-  return PyLong_FromLong(used);
-}
-
-static PyMethodDef featadapt_c_methods[] = {
-    {"cpu_capability", cpu_capability, METH_NOARGS,
-     "The instruction set featadapt's CPU kernels use here: default, avx2 or avx512."},
-    {"parallel_threads", parallel_threads, METH_NOARGS,
-     "How many threads at::parallel_for runs in featadapt's CPU kernels (torch.get_num_threads() when built with OpenMP)."},
-    {nullptr, nullptr, 0, nullptr}};
-
-static PyModuleDef featadapt_c_module = {
-    PyModuleDef_HEAD_INIT, "_C",
-    "featadapt's kernels: importing this registers the featadapt::cuda_* and CPU ops.", -1,
-    featadapt_c_methods};
-
-PyMODINIT_FUNC PyInit__C() {
-  PyObject* module = PyModule_Create(&featadapt_c_module);
-  if (module == nullptr) return nullptr;
-  const int archs[] = {0, FEATADAPT_CUDA_ARCH_LIST};
-  const size_t count = sizeof(archs) / sizeof(archs[0]) - 1;
-  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(count));
-  if (tuple == nullptr) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  for (size_t i = 0; i < count; ++i) PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), PyLong_FromLong(archs[i + 1]));
-  if (PyModule_AddObject(module, "cuda_archs", tuple) < 0) {
-    Py_DECREF(tuple);
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
 }
