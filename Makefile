@@ -23,7 +23,7 @@ CUDA_ARCHS ?= 8.0;9.0
 DATA_STAMP := $(VENV)/.featadapt-demo-data
 
 .PHONY: test demo bench plot pins gpu-check gpu-test gpu-sanitize gpu-bench cmake-build setup clean \
-	triton-sweep cuda-resources peft-suite
+	triton-sweep cuda-resources peft-suite wheel wheel-check
 
 test: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -76,8 +76,8 @@ peft-suite: $(STAMP)
 # printed building it (tests/test_aot_cuda.py checks against the report).
 cuda-resources: $(STAMP)
 	mkdir -p build
-	FEATADAPT_PTXAS_VERBOSE=1 FEATADAPT_CUDA_ARCHS="8.0;9.0" $(PY) -m pip install -v --no-deps \
-		--no-build-isolation -e . >build/ptxas.log 2>&1 || (tail -40 build/ptxas.log; exit 1)
+	FEATADAPT_PTXAS_VERBOSE=1 FEATADAPT_CUDA_ARCHS="8.0;9.0" $(PY) setup.py build_ext --inplace \
+		>build/ptxas.log 2>&1 || (tail -40 build/ptxas.log; exit 1)
 	$(PY) tools/cuda_resources.py write --ptxas-log build/ptxas.log
 
 # GPU_TESTS narrows the run when one device command cannot hold it all,
@@ -94,6 +94,18 @@ gpu-bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --bench-set gpu $(BENCH_ARGS)
 
 setup: $(STAMP)
+
+# One wheel for every torch >= 2.10 and Python >= 3.9 (the stable ABI, abi3):
+# CUTLASS's sm_80 and sm_90a kernels and the CPU kernel, tagged manylinux by
+# auditwheel, into dist/ (tools/build-wheel.sh; a full build, ~4 min on 2 cores).
+wheel: $(STAMP)
+	tools/build-wheel.sh $(PY) dist
+
+# That wheel installed into fresh environments with CI's torch (2.14.1) and the
+# GPU machine's (2.11.0) and checked there (tools/wheel-check.sh).
+WHEEL_TORCH_VERSIONS ?= 2.14.1 2.11.0
+wheel-check: $(STAMP)
+	tools/wheel-check.sh $(PY) "$$(tools/build-wheel.sh $(PY) dist)" $(WHEEL_TORCH_VERSIONS)
 
 # The CUDA extension through CMake, for IDEs and C++ work (compile_commands.json
 # in build/cmake); the package itself is built by pip (setup.py).

@@ -8,6 +8,10 @@ kernels in csrc/):
   - without torch at build time, pure Python.
 Build with `pip install --no-build-isolation .` so the build sees the installed torch.
 
+The library is on PyTorch's stable ABI (torch/csrc/stable, targeting torch 2.10:
+one build loads under every torch since) and Python's limited API (an abi3
+module for Python >= 3.9).
+
 Environment:
   FEATADAPT_CUDA_ARCHS        compute capabilities to compile for, e.g. "9.0" or
                               "8.0;9.0" (default "8.0;9.0"): 8.x builds CUTLASS's
@@ -35,6 +39,11 @@ import sys
 from setuptools import setup
 
 DEFAULT_ARCHS = "8.0;9.0"
+# The oldest torch whose stable ABI the library may use (TORCH_TARGET_VERSION:
+# major << 56 | minor << 48), and the oldest Python of the abi3 module.
+TORCH_TARGET = (2, 10)
+STABLE_ABI = [f"-DTORCH_TARGET_VERSION={(TORCH_TARGET[0] << 56) | (TORCH_TARGET[1] << 48):#018x}"]
+PYTHON_ABI3 = "cp39"
 SUPPORTED_ARCHS = ("8.0", "8.6", "8.7", "8.9", "9.0")
 SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
 CPU_SOURCES = ["csrc/cpu_vefa.cpp", "csrc/module.cpp"]  # what a build without CUDA compiles
@@ -144,12 +153,6 @@ def skip_extension():
     return os.environ.get("FEATADAPT_SKIP_EXTENSION", "0") == "1"
 
 
-# -fopenmp: at::parallel_for in the CPU kernel runs its threads only when
-# compiled with OpenMP (else it is a serial loop); the extension then shares
-# the OpenMP runtime torch has loaded.
-OPENMP = ["-fopenmp"]
-
-
 def cpu_extension(why_no_cuda):
     """featadapt._C with the CPU kernel alone: a C++ compiler and torch's headers suffice."""
     from torch.utils.cpp_extension import CppExtension
@@ -161,8 +164,9 @@ def cpu_extension(why_no_cuda):
         name="featadapt._C",
         sources=CPU_SOURCES,
         include_dirs=[generated],
-        extra_compile_args=(["-O0", "-g"] if debug else ["-O3"]) + OPENMP,
-        extra_link_args=OPENMP,
+        # (no OpenMP: the CPU kernel's threads are torch's, through the stable parallel_for)
+        extra_compile_args=(["-O0", "-g"] if debug else ["-O3"]) + STABLE_ABI,
+        py_limited_api=True,
     )
 
 
@@ -189,8 +193,8 @@ def cuda_extension():
         name="featadapt._C",
         sources=SOURCES,
         include_dirs=[include, generated],
-        extra_compile_args={"cxx": cxx + OPENMP, "nvcc": nvcc},
-        extra_link_args=OPENMP,
+        extra_compile_args={"cxx": cxx + STABLE_ABI, "nvcc": nvcc},
+        py_limited_api=True,
     )
 
 
@@ -214,4 +218,11 @@ def build_commands():
     return {"build_ext": BuildExtension}
 
 
-setup(ext_modules=extension_modules(), cmdclass=build_commands())
+def wheel_options():
+    """An abi3 wheel when it carries the library (its only Python is the limited API)."""
+    if skip_extension() or why_no_torch() is not None:
+        return {}
+    return {"bdist_wheel": {"py_limited_api": PYTHON_ABI3}}
+
+
+setup(ext_modules=extension_modules(), cmdclass=build_commands(), options=wheel_options())

@@ -13,9 +13,9 @@
 // Which copy runs is decided per call: capability().
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -142,7 +142,7 @@ inline Capability capability() {
   for (int i = 0; i <= static_cast<int>(Capability::kAvx512); ++i) {
     if (std::strcmp(requested, kCapabilityNames[i]) == 0) return std::min(static_cast<Capability>(i), best);
   }
-  TORCH_CHECK(false, "FEATADAPT_CPU_CAPABILITY must be one of default, avx2, avx512, got '", requested, "'");
+  STD_TORCH_CHECK(false, "FEATADAPT_CPU_CAPABILITY must be one of default, avx2, avx512, got '", requested, "'");
 }
 
 }  // namespace cpu

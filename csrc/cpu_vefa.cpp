@@ -7,22 +7,20 @@
 //
 // The row loop is written once with vector types (cpu_vefa_loop.h, on
 // cpu_simd.h) and compiled for AVX2 and AVX-512; the widest one the CPU has
-// runs, and CPUs with neither (or other compilers) get a scalar loop.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// runs, and CPUs with neither (or other compilers) get a scalar loop. The op
+// is on PyTorch's stable ABI (stable_util.h), like the CUDA ones.
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_simd.h"
+#include "stable_util.h"
 
 namespace featadapt {
 namespace {
 
-using at::Tensor;
 using cpu::Capability;
 using cpu::load_float;
 using cpu::store_float;
@@ -114,15 +112,15 @@ RowsFn<T> rows_for(Capability cap) {
 }
 
 template <typename T>
-void run(Tensor& g, const Tensor& x, const Tensor& scale, float* ds, float* dt, int64_t threads) {
+void run(const Tensor& g, const Tensor& x, const Tensor& scale, float* ds, float* dt, int64_t threads) {
   const RowsFn<T> rows = rows_for<T>(cpu::capability());
   const int64_t m = g.size(0), k = g.size(1);
-  T* g_ptr = g.data_ptr<T>();
-  const T* x_ptr = x.data_ptr<T>();
-  const float* s = scale.data_ptr<float>();
+  T* g_ptr = static_cast<T*>(g.data_ptr());
+  const T* x_ptr = static_cast<const T*>(x.data_ptr());
+  const float* s = static_cast<const float*>(scale.data_ptr());
   const int64_t gs = g.stride(0), xs = x.stride(0);
   // One block of rows per thread; each thread sums into its own K-vectors.
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+  torch::stable::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
       const int64_t begin = m * t / threads, end = m * (t + 1) / threads;
       rows(g_ptr + begin * gs, gs, x_ptr + begin * xs, xs, s, k, end - begin, ds + t * k,
@@ -131,46 +129,54 @@ void run(Tensor& g, const Tensor& x, const Tensor& scale, float* ds, float* dt, 
   });
 }
 
-std::tuple<Tensor, Tensor> vefa_input_grads_cpu(Tensor& g, const Tensor& x, const Tensor& scale,
-                                                        bool need_shift) {
+std::string strides_of(const Tensor& t) {
+  std::string text = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) text += (d ? ", " : "") + std::to_string(t.stride(d));
+  return text + ")";
+}
+
+std::tuple<Tensor, Tensor> vefa_input_grads_cpu(Tensor g, Tensor x, Tensor scale, bool need_shift) {
   const char* op = "featadapt::vefa_input_grads_cpu";
-  TORCH_CHECK(g.device().is_cpu() && x.device().is_cpu() && scale.device().is_cpu(), op,
-              ": expected CPU tensors, got g on ", g.device(), ", x on ", x.device(), ", scale on ", scale.device());
-  TORCH_CHECK(g.dim() == 2, op, ": g must be 2-D (M, K), got shape ", g.sizes());
-  TORCH_CHECK(x.sizes() == g.sizes(), op, ": x must have g's shape ", g.sizes(), ", got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == g.scalar_type(), op, ": x must have g's dtype ", g.scalar_type(), ", got ",
-              x.scalar_type());
-  TORCH_CHECK(g.stride(1) == 1 && x.stride(1) == 1, op, ": g and x need unit stride along K, got strides ",
-              g.strides(), " and ", x.strides());
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == g.size(1) && scale.scalar_type() == at::kFloat &&
-                  scale.is_contiguous(),
-              op, ": scale must be a contiguous float32 vector of size ", g.size(1), ", got shape ", scale.sizes(),
-              " and dtype ", scale.scalar_type());
+  STD_TORCH_CHECK(g.is_cpu() && x.is_cpu() && scale.is_cpu(), op, ": expected CPU tensors");
+  STD_TORCH_CHECK(g.dim() == 2, op, ": g must be 2-D (M, K), got shape ", shape_of(g));
+  STD_TORCH_CHECK(x.dim() == 2 && x.size(0) == g.size(0) && x.size(1) == g.size(1), op, ": x must have g's shape ",
+                  shape_of(g), ", got ", shape_of(x));
+  STD_TORCH_CHECK(x.scalar_type() == g.scalar_type(), op, ": x must have g's dtype ", dtype_name(g.scalar_type()),
+                  ", got ", dtype_name(x.scalar_type()));
+  STD_TORCH_CHECK(g.stride(1) == 1 && x.stride(1) == 1, op, ": g and x need unit stride along K, got strides ",
+                  strides_of(g), " and ", strides_of(x));
+  STD_TORCH_CHECK(scale.dim() == 1 && scale.size(0) == g.size(1) && scale.scalar_type() == ScalarType::Float &&
+                      scale.is_contiguous(),
+                  op, ": scale must be a contiguous float32 vector of size ", g.size(1), ", got shape ",
+                  shape_of(scale), " and dtype ", dtype_name(scale.scalar_type()));
   const int64_t m = g.size(0), k = g.size(1);
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m));
-  auto f32 = x.options().dtype(at::kFloat);
-  Tensor ds_parts = at::zeros({threads, k}, f32);
-  Tensor dt_parts = need_shift ? at::zeros({threads, k}, f32) : Tensor();
-  float* ds = ds_parts.data_ptr<float>();
-  float* dt = need_shift ? dt_parts.data_ptr<float>() : nullptr;
+  const int64_t threads =
+      std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(torch::stable::get_num_threads()), m));
+  const ScalarType f32 = ScalarType::Float;
+  Tensor ds_parts = torch::stable::new_zeros(x, {threads, k}, f32);
+  Tensor dt_parts = torch::stable::new_zeros(x, {need_shift ? threads : 0, k}, f32);
+  float* ds = static_cast<float*>(ds_parts.data_ptr());
+  float* dt = need_shift ? static_cast<float*>(dt_parts.data_ptr()) : nullptr;
   switch (g.scalar_type()) {
-    case at::kBFloat16: run<c10::BFloat16>(g, x, scale, ds, dt, threads); break;
-    case at::kHalf: run<c10::Half>(g, x, scale, ds, dt, threads); break;
-    case at::kFloat: run<float>(g, x, scale, ds, dt, threads); break;
+    case ScalarType::BFloat16: run<c10::BFloat16>(g, x, scale, ds, dt, threads); break;
+    case ScalarType::Half: run<c10::Half>(g, x, scale, ds, dt, threads); break;
+    case ScalarType::Float: run<float>(g, x, scale, ds, dt, threads); break;
     default:
-      TORCH_CHECK(false, op, ": expected float32, float16 or bfloat16 tensors, got ", g.scalar_type());
+      STD_TORCH_CHECK(false, op, ": expected float32, float16 or bfloat16 tensors, got ",
+                      dtype_name(g.scalar_type()));
   }
-  return {ds_parts.sum(0), need_shift ? dt_parts.sum(0) : at::empty({0}, f32)};
+  const std::vector<int64_t> rows{0};
+  return {torch::stable::sum(ds_parts, rows),
+          need_shift ? torch::stable::sum(dt_parts, rows) : torch::stable::new_empty(x, {0}, f32)};
 }
 
 }  // namespace
+}  // namespace featadapt
 
-TORCH_LIBRARY_FRAGMENT(featadapt, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(featadapt, m) {
   // g is overwritten with dx; returns ds and dt (empty without need_shift), float32.
   // (No optional outputs: torch.compile's functionalization of a mutating op takes none.)
   m.def("vefa_input_grads_cpu(Tensor(a!) g, Tensor x, Tensor scale, bool need_shift) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(featadapt, CPU, m) { m.impl("vefa_input_grads_cpu", &vefa_input_grads_cpu); }
-
-}  // namespace featadapt
+STABLE_TORCH_LIBRARY_IMPL(featadapt, CPU, m) { m.impl("vefa_input_grads_cpu", TORCH_BOX(&featadapt::vefa_input_grads_cpu)); }

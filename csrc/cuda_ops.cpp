@@ -1,69 +1,86 @@
-// The featadapt::cuda_* ops: defined once here (TORCH_LIBRARY), implemented
-// for CUDA tensors (TORCH_LIBRARY_IMPL) on top of the CUTLASS GEMMs and passes of gemm.h. Their
-// signatures are the triton kernels' (featadapt/kernels/triton), so one set
-// of autograd Functions drives either; featadapt/kernels/cuda.py registers
-// their fake implementations for torch.compile.
+// The featadapt::cuda_* ops: defined once here, implemented for CUDA tensors
+// on top of the CUTLASS GEMMs and passes of gemm.h, on PyTorch's stable ABI
+// (stable_util.h), so one build loads under every torch since 2.10. Their
+// signatures are the triton kernels' (featadapt/kernels/triton), so one set of
+// autograd Functions drives either; featadapt/kernels/cuda.py registers their
+// fake implementations for torch.compile.
 //
 // Each op checks its inputs with messages that name the argument, what was
 // expected and what was given, allocates its outputs and launches.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#ifndef USE_CUDA
+#define USE_CUDA  // (the stable C shim declares its CUDA calls under it)
+#endif
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
 
 #include <array>
 #include <atomic>
 #include <cstdlib>
-#include <string>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "build_info.h"
 #include "gemm.h"
+#include "stable_util.h"
 
 namespace featadapt {
 namespace {
 
-using at::Tensor;
+using torch::stable::new_empty;
+using torch::stable::new_zeros;
 
 // -- checks ----------------------------------------------------------------------
 
-ScalarKind scalar_kind(const char* op, const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return ScalarKind::Float16;
-    case at::kBFloat16: return ScalarKind::BFloat16;
-    default:
-      TORCH_CHECK(false, op, ": expected float16 or bfloat16 tensors, got ", t.scalar_type(),
-                  " (float32 and float64 run on backend='torch': the CUTLASS kernels multiply 16-bit inputs, and "
-                  "TF32 would change float32's numerics)");
-  }
+std::string device_of(const Tensor& t) {
+  return t.is_cuda() ? "cuda:" + std::to_string(t.get_device_index()) : (t.is_cpu() ? "cpu" : "another device");
 }
 
-void check_matrix(const char* op, const char* name, const Tensor& t, const Tensor& like, at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t.device());
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
+ScalarKind scalar_kind(const char* op, ScalarType type) {
+  switch (type) {
+    case ScalarType::Half: return ScalarKind::Float16;
+    case ScalarType::BFloat16: return ScalarKind::BFloat16;
+    default:
+      STD_TORCH_CHECK(false, op, ": expected float16 or bfloat16 tensors, got ", dtype_name(type),
+                      " (float32 and float64 run on backend='torch': the CUTLASS kernels multiply 16-bit inputs, "
+                      "and TF32 would change float32's numerics)");
+  }
+  return ScalarKind::BFloat16;  // (not reached)
+}
+
+void check_matrix(const char* op, const char* name, const Tensor& t, const Tensor& like, ScalarType dtype) {
+  STD_TORCH_CHECK(device_of(t) == device_of(like), op, ": ", name, " must be on ", device_of(like), ", got ",
+                  device_of(t));
+  STD_TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", shape_of(t));
+  STD_TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype_name(dtype), ", got ",
+                  dtype_name(t.scalar_type()));
 }
 
 void check_vector(const char* op, const char* name, const Tensor& t, const Tensor& like, int64_t size,
-                  at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must have shape (", size, "), got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
+                  ScalarType dtype) {
+  STD_TORCH_CHECK(device_of(t) == device_of(like), op, ": ", name, " must be on ", device_of(like), ", got ",
+                  device_of(t));
+  STD_TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must have shape (", size, ",), got ",
+                  shape_of(t));
+  STD_TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype_name(dtype), ", got ",
+                  dtype_name(t.scalar_type()));
 }
 
 void check_size(const char* op, const char* name, int dim, const Tensor& t, int64_t expected, const char* meaning) {
-  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, ".shape[", dim, "] must be ", meaning, " = ", expected,
-              ", got shape ", t.sizes());
+  STD_TORCH_CHECK(t.size(dim) == expected, op, ": ", name, ".shape[", dim, "] must be ", meaning, " = ", expected,
+                  ", got shape ", shape_of(t));
 }
 
 // The first input must be a CUDA tensor of a supported dtype; the rest follow it.
 ScalarKind check_first(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
-  return scalar_kind(op, t);
+  STD_TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", device_of(t));
+  STD_TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", shape_of(t));
+  return scalar_kind(op, t.scalar_type());
+}
+
+void check_cuda(cudaError_t error, const char* what) {
+  STD_TORCH_CHECK(error == cudaSuccess, what, ": ", cudaGetErrorString(error));
 }
 
 // -- operands ----------------------------------------------------------------------
@@ -81,46 +98,62 @@ bool readable(const Tensor& t) {
 
 Tensor operand(const Tensor& t) {
   if (t.numel() == 0 || readable(t)) return t;
-  Tensor c = t.contiguous();
-  return readable(c) ? c : c.clone();  // (a contiguous view at an odd offset)
+  Tensor c = torch::stable::contiguous(t);
+  return readable(c) ? c : torch::stable::clone(c);  // (a contiguous view at an odd offset)
 }
 
 int64_t row_stride(const Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
 // A (size,) float32 vector, contiguous and 16-byte aligned (RowBroadcast reads it in vectors).
 Tensor float_vector(const Tensor& t) {
-  Tensor c = t.to(at::kFloat).contiguous();
-  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+  Tensor c = torch::stable::contiguous(torch::stable::to(t, ScalarType::Float));
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : torch::stable::clone(c);
+}
+
+// A (size,) vector in its own dtype, contiguous and 16-byte aligned (the bias row).
+Tensor aligned_vector(const Tensor& t) {
+  Tensor c = torch::stable::contiguous(t);
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : torch::stable::clone(c);
 }
 
 template <typename T = void>
-T* pointer(const Tensor& t) {
-  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+T* pointer(const std::optional<Tensor>& t) {
+  return t ? static_cast<T*>(t->data_ptr()) : nullptr;
 }
 
-// (c10's CUDA headers only: ATen's CUDA context pulls in the cuBLAS and
-// cuSPARSE headers, which a minimal toolkit does not have.)
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+// t ⊙= value, in place (a 0-dim tensor: the dispatcher call takes no Scalar).
+void scale_(Tensor& t, double value) {
+  Tensor factor = new_empty(t, {});
+  torch::stable::fill_(factor, value);
+  aten("aten::mul_", "Tensor", t, factor);
+}
+
+cudaStream_t current_stream(int32_t device_index) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
 
 // The current device's SM count and compute capability, asked once per device.
 struct DeviceInfo {
-  int sm_count = 0, capability = 0;
+  int index = 0, sm_count = 0, capability = 0;
 };
 
 DeviceInfo device_info() {
   static std::array<std::atomic<int>, 64> sms{}, capabilities{};
   int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= static_cast<int>(sms.size())) device = static_cast<int>(sms.size()) - 1;  // (never in practice)
-  DeviceInfo info{sms[device].load(std::memory_order_relaxed), capabilities[device].load(std::memory_order_relaxed)};
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const int slot = device < static_cast<int>(sms.size()) ? device : static_cast<int>(sms.size()) - 1;
+  DeviceInfo info{device, sms[slot].load(std::memory_order_relaxed),
+                  capabilities[slot].load(std::memory_order_relaxed)};
   if (info.sm_count == 0) {
     int major = 0, minor = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    check_cuda(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device), "SM count");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "capability");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "capability");
     info.capability = 10 * major + minor;
-    capabilities[device].store(info.capability, std::memory_order_relaxed);
-    sms[device].store(info.sm_count, std::memory_order_relaxed);
+    capabilities[slot].store(info.capability, std::memory_order_relaxed);
+    sms[slot].store(info.sm_count, std::memory_order_relaxed);
   }
   return info;
 }
@@ -145,17 +178,18 @@ GemmArch arch_for(int capability) {
 }
 
 GemmArch arch_named(int64_t capability) {
-  TORCH_CHECK(capability == 80 || capability == 90, "featadapt::cuda_plan: capability must be 80 (CUTLASS's sm_80 "
-              "kernels) or 90 (its sm_90a kernels), got ", capability);
+  STD_TORCH_CHECK(capability == 80 || capability == 90, "featadapt::cuda_plan: capability must be 80 (CUTLASS's "
+                  "sm_80 kernels) or 90 (its sm_90a kernels), got ", capability);
   return capability == 90 ? GemmArch::Sm90 : GemmArch::Sm80;
 }
 
-Tensor workspace_for(const Plan& plan, const Tensor& like) {
-  return at::empty({static_cast<int64_t>(plan.workspace)}, like.options().dtype(at::kByte));
+Tensor workspace_for(size_t bytes, const Tensor& like) {
+  return new_empty(like, {static_cast<int64_t>(bytes)}, ScalarType::Byte);
 }
 
 void check_plan(const char* op, const Plan& plan) {
-  TORCH_CHECK(plan.ok(), op, ": ", plan.reason, " (cuda_backend.not_supported_reasons sends such calls to torch)");
+  STD_TORCH_CHECK(plan.ok(), op, ": ", plan.reason,
+                  " (cuda_backend.not_supported_reasons sends such calls to torch)");
 }
 
 // The linear GEMM on this device's architecture: planned, refused with the
@@ -165,9 +199,9 @@ void run_linear_here(const char* op, ScalarKind kind, const LinearArgs& args, co
   const GemmArch arch = arch_for(device.capability);
   const Plan plan = plan_linear(arch, kind, args, device.sm_count);
   check_plan(op, plan);
-  Tensor workspace = workspace_for(plan, like);
-  run_linear(arch, kind, args, device.sm_count, workspace.data_ptr(), current_stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Tensor workspace = workspace_for(plan.workspace, like);
+  run_linear(arch, kind, args, device.sm_count, workspace.data_ptr(), current_stream(device.index));
+  check_cuda(cudaGetLastError(), op);
 }
 
 // -- the problems each op hands to CUTLASS (the op and cuda_plan share these) -----------
@@ -184,47 +218,6 @@ GemmShape input_gradient_shape(int64_t m, int64_t n, int64_t k, int64_t lddy) {
   return {m, k, n, lddy, k, k, /*b_is_n_by_k=*/false};
 }
 
-// -- ops -------------------------------------------------------------------------
-
-// y = (x ⊙ scale + shift) weightᵀ + bias = x (W0 diag(scale))ᵀ + (W0 shift + bias):
-// the scale moves onto the weight (a pass over N·K, not M·K) and the shift
-// into the bias, so the GEMM is CUTLASS's with a bias epilogue.
-Tensor scaled_gemm(const Tensor& x_in, const Tensor& weight_in, const std::optional<Tensor>& bias,
-                   const Tensor& scale, const std::optional<Tensor>& shift) {
-  const char* op = "featadapt::cuda_scaled_gemm";
-  const ScalarKind kind = check_first(op, "x", x_in);
-  check_matrix(op, "weight", weight_in, x_in, x_in.scalar_type());
-  const int64_t m = x_in.size(0), k = x_in.size(1), n = weight_in.size(0);
-  check_size(op, "weight", 1, weight_in, k, "x.shape[1] (K)");
-  if (bias) check_vector(op, "bias", *bias, x_in, n, x_in.scalar_type());
-  check_vector(op, "scale", scale, x_in, k, at::kFloat);
-  if (shift) check_vector(op, "shift", *shift, x_in, k, at::kFloat);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-
-  if (k == 0 || m == 0) {  // no reduction: y is the bias (F.linear's answer)
-    Tensor y = at::zeros({m, n}, x_in.options());
-    return bias ? y.add_(*bias) : y;
-  }
-  const Tensor x = operand(x_in), weight = weight_in.contiguous();
-  const Tensor scale_f = float_vector(scale), shift_f = shift ? float_vector(*shift) : Tensor();
-  const Tensor bias_c = bias ? bias->contiguous() : Tensor();
-  Tensor w_scaled = at::empty({n, k}, x.options());
-  Tensor bias_out = (bias || shift) ? at::empty({n}, x.options()) : Tensor();
-  launch_scale_weight(kind, weight.data_ptr(), n, k, weight.stride(0), pointer<float>(scale_f),
-                      pointer<float>(shift_f), pointer(bias_c), w_scaled.data_ptr(), pointer(bias_out),
-                      current_stream());
-
-  Tensor y = at::empty({m, n}, x.options());
-  LinearArgs args = forward_args(m, n, k, row_stride(x));
-  args.a = x.data_ptr();
-  args.b = w_scaled.data_ptr();
-  args.c = pointer(bias_out);
-  args.ldc = 0;  // a bias row
-  args.d = y.data_ptr();
-  run_linear_here(op, kind, args, y);
-  return y;
-}
-
 VefaBackwardArgs vefa_backward_args(int64_t m, int64_t n, int64_t k, int64_t lddy, int64_t ldx) {
   VefaBackwardArgs a;
   a.shape = input_gradient_shape(m, n, k, lddy);
@@ -232,32 +225,71 @@ VefaBackwardArgs vefa_backward_args(int64_t m, int64_t n, int64_t k, int64_t ldd
   return a;
 }
 
+// -- ops -------------------------------------------------------------------------
+
+// y = (x ⊙ scale + shift) weightᵀ + bias = x (W0 diag(scale))ᵀ + (W0 shift + bias):
+// the scale moves onto the weight (a pass over N·K, not M·K) and the shift
+// into the bias, so the GEMM is CUTLASS's with a bias epilogue.
+Tensor scaled_gemm(Tensor x_in, Tensor weight_in, std::optional<Tensor> bias, Tensor scale,
+                   std::optional<Tensor> shift) {
+  const char* op = "featadapt::cuda_scaled_gemm";
+  const ScalarKind kind = check_first(op, "x", x_in);
+  check_matrix(op, "weight", weight_in, x_in, x_in.scalar_type());
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = weight_in.size(0);
+  check_size(op, "weight", 1, weight_in, k, "x.shape[1] (K)");
+  if (bias) check_vector(op, "bias", *bias, x_in, n, x_in.scalar_type());
+  check_vector(op, "scale", scale, x_in, k, ScalarType::Float);
+  if (shift) check_vector(op, "shift", *shift, x_in, k, ScalarType::Float);
+  const torch::stable::accelerator::DeviceGuard guard(x_in.get_device_index());
+
+  if (k == 0 || m == 0) {  // no reduction: y is the bias (F.linear's answer)
+    Tensor y = new_zeros(x_in, {m, n});
+    return bias ? torch::stable::subtract(y, *bias, -1.0) : y;
+  }
+  const Tensor x = operand(x_in), weight = torch::stable::contiguous(weight_in);
+  const Tensor scale_f = float_vector(scale);
+  const std::optional<Tensor> shift_f = shift ? std::optional<Tensor>(float_vector(*shift)) : std::nullopt;
+  const std::optional<Tensor> bias_c = bias ? std::optional<Tensor>(aligned_vector(*bias)) : std::nullopt;
+  Tensor w_scaled = new_empty(x, {n, k});
+  std::optional<Tensor> bias_out = (bias || shift) ? std::optional<Tensor>(new_empty(x, {n})) : std::nullopt;
+  const int32_t device = x.get_device_index();
+  launch_scale_weight(kind, weight.data_ptr(), n, k, weight.stride(0), scale_f.const_data_ptr<float>(),
+                      pointer<float>(shift_f), pointer(bias_c), w_scaled.data_ptr(), pointer(bias_out),
+                      current_stream(device));
+
+  Tensor y = new_empty(x, {m, n});
+  LinearArgs args = forward_args(m, n, k, row_stride(x));
+  args.a = x.data_ptr();
+  args.b = w_scaled.data_ptr();
+  args.bias = pointer(bias_out);
+  args.d = y.data_ptr();
+  run_linear_here(op, kind, args, y);
+  return y;
+}
+
 // (dx, dscale, dshift): g = dy weight, dx = g ⊙ scale, dscale = Σ_m g ⊙ x,
 // dshift = Σ_m g; each empty unless asked for; dscale and dshift are float32.
-std::tuple<Tensor, Tensor, Tensor> scaled_gemm_backward(const Tensor& dy_in, const Tensor& x_in,
-                                                        const Tensor& weight_in, const Tensor& scale, bool need_dx,
-                                                        bool need_dscale, bool need_dshift) {
+std::tuple<Tensor, Tensor, Tensor> scaled_gemm_backward(Tensor dy_in, Tensor x_in, Tensor weight_in, Tensor scale,
+                                                        bool need_dx, bool need_dscale, bool need_dshift) {
   const char* op = "featadapt::cuda_scaled_gemm_backward";
-  check_first(op, "dy", dy_in);
-  const ScalarKind kind = scalar_kind(op, dy_in);
+  const ScalarKind kind = check_first(op, "dy", dy_in);
   check_matrix(op, "x", x_in, dy_in, dy_in.scalar_type());
   check_matrix(op, "weight", weight_in, dy_in, dy_in.scalar_type());
   const int64_t m = x_in.size(0), k = x_in.size(1), n = weight_in.size(0);
   check_size(op, "weight", 1, weight_in, k, "x.shape[1] (K)");
   check_size(op, "dy", 0, dy_in, m, "x.shape[0] (M)");
   check_size(op, "dy", 1, dy_in, n, "weight.shape[0] (N)");
-  check_vector(op, "scale", scale, dy_in, k, at::kFloat);
-  const c10::cuda::CUDAGuard guard(dy_in.device());
-  const auto f32 = dy_in.options().dtype(at::kFloat);
+  check_vector(op, "scale", scale, dy_in, k, ScalarType::Float);
+  const torch::stable::accelerator::DeviceGuard guard(dy_in.get_device_index());
+  auto none = [&](ScalarType type) { return new_empty(dy_in, {0}, type); };
+  const ScalarType f32 = ScalarType::Float, dtype = dy_in.scalar_type();
 
-  if (!need_dx && !need_dscale && !need_dshift) return {at::empty({0}, dy_in.options()), at::empty({0}, f32),
-                                                        at::empty({0}, f32)};
+  if (!need_dx && !need_dscale && !need_dshift) return {none(dtype), none(f32), none(f32)};
   if (n == 0 || m == 0 || k == 0) {  // g is zero (or empty)
-    return {need_dx ? at::zeros({m, k}, dy_in.options()) : at::empty({0}, dy_in.options()),
-            need_dscale ? at::zeros({k}, f32) : at::empty({0}, f32),
-            need_dshift ? at::zeros({k}, f32) : at::empty({0}, f32)};
+    return {need_dx ? new_zeros(dy_in, {m, k}) : none(dtype), need_dscale ? new_zeros(dy_in, {k}, f32) : none(f32),
+            need_dshift ? new_zeros(dy_in, {k}, f32) : none(f32)};
   }
-  const Tensor dy = operand(dy_in), x = operand(x_in), weight = weight_in.contiguous();
+  const Tensor dy = operand(dy_in), x = operand(x_in), weight = torch::stable::contiguous(weight_in);
   const Tensor scale_f = float_vector(scale);
   const DeviceInfo device = device_info();
   const GemmArch arch = arch_for(device.capability);
@@ -265,13 +297,14 @@ std::tuple<Tensor, Tensor, Tensor> scaled_gemm_backward(const Tensor& dy_in, con
   const int64_t row_tiles = (m + rows - 1) / rows;
 
   // dx is written even when not asked for (the kernel always stores d); then into a scratch buffer.
-  Tensor dx = at::empty({m, k}, dy.options());
-  Tensor dscale_part = need_dscale ? at::empty({row_tiles, ld}, f32) : Tensor();
-  Tensor dshift_part = need_dshift ? at::empty({row_tiles, ld}, f32) : Tensor();
+  Tensor dx = new_empty(dy, {m, k});
+  std::optional<Tensor> dscale_part, dshift_part;
+  if (need_dscale) dscale_part = new_empty(dy, {row_tiles, ld}, f32);
+  if (need_dshift) dshift_part = new_empty(dy, {row_tiles, ld}, f32);
   VefaBackwardArgs args = vefa_backward_args(m, n, k, row_stride(dy), row_stride(x));
   args.a = dy.data_ptr();
   args.b = weight.data_ptr();
-  args.col_scale = pointer<float>(scale_f);
+  args.col_scale = scale_f.const_data_ptr<float>();
   args.x = x.data_ptr();
   args.d = dx.data_ptr();
   args.colsum = pointer<float>(dshift_part);
@@ -279,13 +312,16 @@ std::tuple<Tensor, Tensor, Tensor> scaled_gemm_backward(const Tensor& dy_in, con
   const Plan plan = plan_vefa_backward(arch, kind, args, device.sm_count);
   check_plan(op, plan);
   // sm_80 keeps g (m × k, float32) for its pass; sm_90a only what CUTLASS asks for
-  Tensor workspace = arch == GemmArch::Sm80 ? at::empty({m, k}, f32) : workspace_for(plan, dy);
-  run_vefa_backward(arch, kind, args, device.sm_count, workspace.data_ptr(), current_stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Tensor workspace = arch == GemmArch::Sm80 ? new_empty(dy, {m, k}, f32) : workspace_for(plan.workspace, dy);
+  run_vefa_backward(arch, kind, args, device.sm_count, workspace.data_ptr(), current_stream(device.index));
+  check_cuda(cudaGetLastError(), op);
   // A fixed-order sum over the row tiles: the same bits on every run.
-  Tensor dscale = need_dscale ? dscale_part.sum(0).narrow(0, 0, k) : at::empty({0}, f32);
-  Tensor dshift = need_dshift ? dshift_part.sum(0).narrow(0, 0, k) : at::empty({0}, f32);
-  return {need_dx ? dx : at::empty({0}, dy.options()), dscale, dshift};
+  auto column_sums = [&](const std::optional<Tensor>& part) {
+    if (!part) return none(f32);
+    Tensor sums = torch::stable::sum(*part, std::vector<int64_t>{0});
+    return torch::stable::narrow(sums, 0, 0, k);
+  };
+  return {need_dx ? dx : none(dtype), column_sums(dscale_part), column_sums(dshift_part)};
 }
 
 // out (rows × cols) += a·op(b) in place: the CUTLASS GEMM with β = 1 on the source
@@ -297,15 +333,14 @@ void accumulate_into(const char* op, ScalarKind kind, LinearArgs args, const Ten
   run_linear_here(op, kind, args, out);
 }
 
-// y = x weightᵀ + u cᵀ + bias (c already carries γ). The rank-r term and the
-// bias are written first by cuBLAS (torch's addmm: a K = r GEMM, memory-bound),
-// then the frozen GEMM adds x W0ᵀ onto them (β = 1, in place). That costs one
-// more write and read of y than an epilogue that loaded u and c itself; the
+// y = x weightᵀ + u cᵀ + bias (c already carries γ). The rank-r term is written
+// first by cuBLAS (torch's matmul: a K = r GEMM, memory-bound), then the frozen
+// GEMM adds x W0ᵀ and the bias onto it (β = 1, in place). That costs one more
+// write and read of y than an epilogue that loaded u and c itself; the
 // alternative, one GEMM on the merged weight W0 + γ C A, costs a pass over
 // N·K per call and needs A, which this op does not see. The GPU measurement
 // says whether either is worth its complexity.
-Tensor low_rank_gemm(const Tensor& x_in, const Tensor& weight_in, const std::optional<Tensor>& bias, const Tensor& u,
-                     const Tensor& c) {
+Tensor low_rank_gemm(Tensor x_in, Tensor weight_in, std::optional<Tensor> bias, Tensor u, Tensor c) {
   const char* op = "featadapt::cuda_low_rank_gemm";
   const ScalarKind kind = check_first(op, "x", x_in);
   check_matrix(op, "weight", weight_in, x_in, x_in.scalar_type());
@@ -317,27 +352,24 @@ Tensor low_rank_gemm(const Tensor& x_in, const Tensor& weight_in, const std::opt
   check_size(op, "c", 0, c, n, "weight.shape[0] (N)");
   check_size(op, "c", 1, c, r, "u.shape[1] (r)");
   if (bias) check_vector(op, "bias", *bias, x_in, n, x_in.scalar_type());
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const torch::stable::accelerator::DeviceGuard guard(x_in.get_device_index());
 
-  Tensor y = at::empty({m, n}, x_in.options());
-  if (bias) {
-    at::addmm_out(y, bias->unsqueeze(0), u, c.t());
-  } else {
-    at::mm_out(y, u, c.t());
-  }
-  if (m == 0 || n == 0 || k == 0) return y;
-  const Tensor x = operand(x_in), weight = weight_in.contiguous();
+  Tensor y = torch::stable::contiguous(torch::stable::matmul(u, transposed(c)));
+  if (m == 0 || n == 0 || k == 0) return bias ? torch::stable::subtract(y, *bias, -1.0) : y;
+  const Tensor x = operand(x_in), weight = torch::stable::contiguous(weight_in);
+  const std::optional<Tensor> bias_c = bias ? std::optional<Tensor>(aligned_vector(*bias)) : std::nullopt;
   LinearArgs args = forward_args(m, n, k, row_stride(x));
   args.a = x.data_ptr();
   args.b = weight.data_ptr();
+  args.bias = pointer(bias_c);
   accumulate_into(op, kind, args, y);
   return y;
 }
 
 // dx = dy weight + (du a) ⊙ keep · keep_scale (without keep: dy weight + du a):
 // the rank-r term by cuBLAS into dx, masked in place, then the frozen GEMM onto it.
-Tensor low_rank_gemm_dx(const Tensor& dy_in, const Tensor& weight_in, const Tensor& du, const Tensor& a,
-                        const std::optional<Tensor>& keep, double keep_scale) {
+Tensor low_rank_gemm_dx(Tensor dy_in, Tensor weight_in, Tensor du, Tensor a, std::optional<Tensor> keep,
+                        double keep_scale) {
   const char* op = "featadapt::cuda_low_rank_gemm_dx";
   const ScalarKind kind = check_first(op, "dy", dy_in);
   check_matrix(op, "weight", weight_in, dy_in, dy_in.scalar_type());
@@ -349,16 +381,19 @@ Tensor low_rank_gemm_dx(const Tensor& dy_in, const Tensor& weight_in, const Tens
   check_size(op, "du", 1, du, r, "a.shape[0] (r)");
   check_size(op, "a", 1, a, k, "weight.shape[1] (K)");
   if (keep) {
-    check_matrix(op, "keep", *keep, dy_in, at::kBool);
+    check_matrix(op, "keep", *keep, dy_in, ScalarType::Bool);
     check_size(op, "keep", 0, *keep, m, "dy.shape[0] (M)");
     check_size(op, "keep", 1, *keep, k, "weight.shape[1] (K)");
   }
-  const c10::cuda::CUDAGuard guard(dy_in.device());
+  const torch::stable::accelerator::DeviceGuard guard(dy_in.get_device_index());
 
-  Tensor dx = at::mm(du, a);
-  if (keep) dx.mul_(*keep).mul_(keep_scale);
+  Tensor dx = torch::stable::contiguous(torch::stable::matmul(du, a));
+  if (keep) {
+    aten("aten::mul_", "Tensor", dx, *keep);
+    scale_(dx, keep_scale);
+  }
   if (m == 0 || k == 0 || n == 0) return dx;
-  const Tensor dy = operand(dy_in), weight = weight_in.contiguous();
+  const Tensor dy = operand(dy_in), weight = torch::stable::contiguous(weight_in);
   LinearArgs args;
   args.shape = input_gradient_shape(m, n, k, row_stride(dy));
   args.a = dy.data_ptr();
@@ -369,8 +404,8 @@ Tensor low_rank_gemm_dx(const Tensor& dy_in, const Tensor& weight_in, const Tens
 
 // (du, dc) = (dy c, scaling · dyᵀ u), both float32, each empty unless asked
 // for: two small GEMMs (N = r) by cuBLAS with float32 outputs.
-std::tuple<Tensor, Tensor> low_rank_dy_grads(const Tensor& dy, const Tensor& u, const Tensor& c, double scaling,
-                                             bool need_du, bool need_dc) {
+std::tuple<Tensor, Tensor> low_rank_dy_grads(Tensor dy, Tensor u, Tensor c, double scaling, bool need_du,
+                                             bool need_dc) {
   const char* op = "featadapt::cuda_low_rank_dy_grads";
   check_first(op, "dy", dy);
   check_matrix(op, "u", u, dy, dy.scalar_type());
@@ -381,10 +416,13 @@ std::tuple<Tensor, Tensor> low_rank_dy_grads(const Tensor& dy, const Tensor& u, 
     check_size(op, "c", 0, c, n, "dy.shape[1] (N)");
     check_size(op, "c", 1, c, r, "u.shape[1] (r)");
   }
-  const c10::cuda::CUDAGuard guard(dy.device());
-  const auto f32 = dy.options().dtype(at::kFloat);
-  Tensor du = need_du ? at::mm(dy, c, at::kFloat) : at::empty({0}, f32);
-  Tensor dc = need_dc ? at::mm(dy.t(), u, at::kFloat).mul_(scaling) : at::empty({0}, f32);
+  const torch::stable::accelerator::DeviceGuard guard(dy.get_device_index());
+  Tensor du = need_du ? mm_float(dy, c) : new_empty(dy, {0}, ScalarType::Float);
+  Tensor dc = new_empty(dy, {0}, ScalarType::Float);
+  if (need_dc) {
+    dc = mm_float(transposed(dy), u);
+    scale_(dc, scaling);
+  }
   return {du, dc};
 }
 
@@ -394,10 +432,10 @@ std::tuple<Tensor, Tensor> low_rank_dy_grads(const Tensor& dy, const Tensor& u, 
 //   op          "vefa_forward", "vefa_backward", "low_rank_forward" or "low_rank_dx"
 //   capability  80 (CUTLASS's sm_80 kernels) or 90 (its sm_90a kernels)
 //   m, n, k     x (m × k), weight (n × k); x_row_stride: x's (for the backward ops, dy's)
-std::string plan(const std::string& op, int64_t capability, at::ScalarType dtype, int64_t m, int64_t n, int64_t k,
+std::string plan(std::string op, int64_t capability, ScalarType dtype, int64_t m, int64_t n, int64_t k,
                  int64_t x_row_stride) {
   const GemmArch arch = arch_named(capability);
-  const ScalarKind kind = scalar_kind("featadapt::cuda_plan", at::empty({0}, at::TensorOptions().dtype(dtype)));
+  const ScalarKind kind = scalar_kind("featadapt::cuda_plan", dtype);
   constexpr int kSmCount = 132;  // (an H100's; only the persistent grid depends on it)
   if (op == "vefa_forward" || op == "low_rank_forward") {
     LinearArgs args = forward_args(m, n, k, x_row_stride);
@@ -410,15 +448,15 @@ std::string plan(const std::string& op, int64_t capability, at::ScalarType dtype
     args.ldc = k;
     return plan_linear(arch, kind, args, kSmCount).reason;
   }
-  TORCH_CHECK(op == "vefa_backward", "featadapt::cuda_plan: op must be vefa_forward, vefa_backward, "
-              "low_rank_forward or low_rank_dx, got '", op, "'");
+  STD_TORCH_CHECK(op == "vefa_backward", "featadapt::cuda_plan: op must be vefa_forward, vefa_backward, "
+                  "low_rank_forward or low_rank_dx, got '", op, "'");
   return plan_vefa_backward(arch, kind, vefa_backward_args(m, n, k, x_row_stride, k), kSmCount).reason;
 }
 
 }  // namespace
 }  // namespace featadapt
 
-TORCH_LIBRARY(featadapt, m) {
+STABLE_TORCH_LIBRARY(featadapt, m) {
   m.def("cuda_scaled_gemm(Tensor x, Tensor weight, Tensor? bias, Tensor scale, Tensor? shift) -> Tensor");
   m.def(
       "cuda_scaled_gemm_backward(Tensor dy, Tensor x, Tensor weight, Tensor scale, bool need_dx, "
@@ -430,15 +468,18 @@ TORCH_LIBRARY(featadapt, m) {
   m.def(
       "cuda_low_rank_dy_grads(Tensor dy, Tensor u, Tensor c, float scaling, bool need_du, bool need_dc) "
       "-> (Tensor, Tensor)");
-  // No tensors, no device: a catch-all kernel that runs anywhere.
-  m.def("cuda_plan(str op, int capability, ScalarType dtype, int m, int n, int k, int x_row_stride) -> str",
-        &featadapt::plan);
+  m.def("cuda_plan(str op, int capability, ScalarType dtype, int m, int n, int k, int x_row_stride) -> str");
 }
 
-TORCH_LIBRARY_IMPL(featadapt, CUDA, m) {
-  m.impl("cuda_scaled_gemm", &featadapt::scaled_gemm);
-  m.impl("cuda_scaled_gemm_backward", &featadapt::scaled_gemm_backward);
-  m.impl("cuda_low_rank_gemm", &featadapt::low_rank_gemm);
-  m.impl("cuda_low_rank_gemm_dx", &featadapt::low_rank_gemm_dx);
-  m.impl("cuda_low_rank_dy_grads", &featadapt::low_rank_dy_grads);
+STABLE_TORCH_LIBRARY_IMPL(featadapt, CUDA, m) {
+  m.impl("cuda_scaled_gemm", TORCH_BOX(&featadapt::scaled_gemm));
+  m.impl("cuda_scaled_gemm_backward", TORCH_BOX(&featadapt::scaled_gemm_backward));
+  m.impl("cuda_low_rank_gemm", TORCH_BOX(&featadapt::low_rank_gemm));
+  m.impl("cuda_low_rank_gemm_dx", TORCH_BOX(&featadapt::low_rank_gemm_dx));
+  m.impl("cuda_low_rank_dy_grads", TORCH_BOX(&featadapt::low_rank_dy_grads));
+}
+
+// No tensors, no device: the dispatcher runs a CompositeExplicitAutograd kernel for it anywhere.
+STABLE_TORCH_LIBRARY_IMPL(featadapt, CompositeExplicitAutograd, m) {
+  m.impl("cuda_plan", TORCH_BOX(&featadapt::plan));
 }

@@ -17,12 +17,13 @@ std::string first_reason(std::initializer_list<std::string> reasons) {
   return "";
 }
 
-// The source or bias of a linear GEMM: a bias row must suit 16-byte vector
-// loads like the rest; a source's leading dimension too.
+// The source and bias of a linear GEMM suit 16-byte vector loads like the rest.
 std::string source_reason(const LinearArgs& a) {
-  if (a.ldc < 0) return "negative source leading dimension";
-  if (a.ldc % 8 != 0) return "the source's leading dimension " + std::to_string(a.ldc) + " is not a multiple of 8";
-  return pointer_reason("the source (or bias)", a.c);
+  if (a.ldc < 0 || a.ldc % 8 != 0)
+    return "the source's leading dimension " + std::to_string(a.ldc) + " is not a multiple of 8";
+  if (a.c != nullptr && a.bias != nullptr && a.c != a.d)
+    return "a source and a bias together need the source to be the output (c == d)";
+  return first_reason({pointer_reason("the source", a.c), pointer_reason("the bias", a.bias)});
 }
 
 void throw_if(const Plan& p, const char* what) {

@@ -35,15 +35,17 @@ struct GemmShape {
   bool b_is_n_by_k = true;
 };
 
-// linear: d = a·op(b) + c, where c is an (m, n) source with leading
-// dimension ldc > 0, or, with ldc == 0, an (n,) row added to every row (a
-// bias). c may be null (d = a·op(b)). c and d have a's dtype.
+// linear: d = a·op(b) + c + bias, where c is an (m, n) source with leading
+// dimension ldc and bias an (n,) row added to every row; either may be null.
+// A source and a bias together need c == d (the sm_80 path adds the bias into
+// the source first). c, bias and d have a's dtype.
 struct LinearArgs {
   GemmShape shape;
   const void* a = nullptr;
   const void* b = nullptr;
   const void* c = nullptr;
   int64_t ldc = 0;
+  const void* bias = nullptr;
   void* d = nullptr;
 };
 
@@ -92,6 +94,10 @@ void run_vefa_backward(GemmArch arch, ScalarKind kind, const VefaBackwardArgs& a
 // (shift and bias may be null), from one read of w: the VeFA forward's weight.
 void launch_scale_weight(ScalarKind kind, const void* w, int64_t n, int64_t k, int64_t ldw, const float* scale,
                          const float* shift, const void* bias, void* w_scaled, void* bias_out, cudaStream_t stream);
+
+// out (m × n, leading dimension ld) += bias (n,) on every row, in place.
+void launch_add_bias_rows(ScalarKind kind, void* out, int64_t m, int64_t n, int64_t ld, const void* bias,
+                          cudaStream_t stream);
 
 // The sm_80 VeFA backward after its GEMM: from g (m × n float32), dx = g ⊙ scale
 // (may be null) and per tile of `row_tile` rows Σ g and Σ g ⊙ x (either may be null).

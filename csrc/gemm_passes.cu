@@ -46,6 +46,17 @@ __global__ void __launch_bounds__(kThreads) scale_weight_kernel(const T* w, int6
   if (threadIdx.x == 0) bias_out[n] = from_float<T>(partial[0] + (bias != nullptr ? to_float(bias[n]) : 0.0f));
 }
 
+// out[i, j] += bias[j], a thread per element (the sm_80 linear GEMM's bias
+// when there is also a source: its epilogue adds one).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) add_bias_rows_kernel(T* out, int64_t m, int64_t n, int64_t ld,
+                                                               const T* bias) {
+  const int64_t index = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  if (index >= m * n) return;
+  const int64_t i = index / n, j = index % n;
+  out[i * ld + j] = from_float<T>(to_float(out[i * ld + j]) + to_float(bias[j]));
+}
+
 // Block (column tile of 32, row tile): dx = g ⊙ scale, and the tile's column
 // sums of g and g ⊙ x, reduced over the block's 8 row lanes in a fixed order.
 constexpr int kCols = 32, kRowLanes = kThreads / kCols;
@@ -104,6 +115,22 @@ void launch_scale_weight(ScalarKind kind, const void* w, int64_t n, int64_t k, i
         static_cast<T*>(bias_out));
   }
   check_launch("scale_weight");
+}
+
+void launch_add_bias_rows(ScalarKind kind, void* out, int64_t m, int64_t n, int64_t ld, const void* bias,
+                          cudaStream_t stream) {
+  if (m <= 0 || n <= 0) return;
+  const unsigned blocks = static_cast<unsigned>((m * n + kThreads - 1) / kThreads);
+  if (kind == ScalarKind::BFloat16) {
+    using T = __nv_bfloat16;
+    add_bias_rows_kernel<T><<<blocks, kThreads, 0, stream>>>(static_cast<T*>(out), m, n, ld,
+                                                             static_cast<const T*>(bias));
+  } else {
+    using T = __half;
+    add_bias_rows_kernel<T><<<blocks, kThreads, 0, stream>>>(static_cast<T*>(out), m, n, ld,
+                                                             static_cast<const T*>(bias));
+  }
+  check_launch("add_bias_rows");
 }
 
 void launch_vefa_backward_pass(ScalarKind kind, const float* g, int64_t m, int64_t n, const float* scale,

@@ -2,8 +2,10 @@
 // through the PTX): cp.async multistage main loops with CUTLASS's linear
 // combination epilogue, d = acc + β·c.
 //
-//   linear     d = a·op(b) + c: the source is the low-rank term, or the bias
-//              as a row with leading dimension 0 (every output row reads it)
+//   linear     d = a·op(b) + c + bias: the epilogue adds one source, so the
+//              bias rides as a source row of leading dimension 0 (every
+//              output row reads it) when there is no other source, and is
+//              added into the source first when there is one (c == d)
 //   gradient   g = a·b in float32, for the VeFA backward, whose scale and
 //              column sums then run as a pass (gemm_passes.cu): CUTLASS 2's
 //              epilogue has no column reductions without a visitor tree,
@@ -19,6 +21,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "gemm_common.h"
 
@@ -83,9 +86,12 @@ using Linear = Kernel<T, std::conditional_t<BIsNByK, cutlass::layout::ColumnMajo
 template <typename T>
 using Gradient = Kernel<T, cutlass::layout::RowMajor, float>;
 
+// The one source the epilogue adds: c, else the bias as a row of leading dimension 0.
 template <typename T, bool BIsNByK>
 typename Linear<T, BIsNByK>::Arguments linear_arguments(const LinearArgs& a) {
-  return Linear<T, BIsNByK>::arguments(a.shape, a.a, a.b, a.c, a.ldc, a.c != nullptr ? 1.0f : 0.0f, a.d);
+  const void* source = a.c != nullptr ? a.c : a.bias;
+  const int64_t ld = a.c != nullptr ? a.ldc : 0;
+  return Linear<T, BIsNByK>::arguments(a.shape, a.a, a.b, source, ld, source != nullptr ? 1.0f : 0.0f, a.d);
 }
 
 template <typename T>
@@ -96,6 +102,10 @@ Plan plan_linear_typed(const LinearArgs& a) {
 
 template <typename T>
 void run_linear_typed(const LinearArgs& a, cudaStream_t stream) {
+  if (a.c != nullptr && a.bias != nullptr) {  // (c == d: gemm.cpp checked)
+    launch_add_bias_rows(std::is_same_v<T, cutlass::bfloat16_t> ? ScalarKind::BFloat16 : ScalarKind::Float16, a.d,
+                         a.shape.m, a.shape.n, a.shape.ldd, a.bias, stream);
+  }
   if (a.shape.b_is_n_by_k) {
     Linear<T, true>::run(linear_arguments<T, true>(a), stream);
   } else {

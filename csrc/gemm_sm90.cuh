@@ -114,9 +114,9 @@ struct Kernel {
   }
 };
 
-// -- linear: d = a·op(b) + c --------------------------------------------------
-// CUTLASS's own fusion D = β·C + (α·acc + bias): c as a full source (β = 1)
-// or, with ldc == 0, as the bias row (β = 0, and then C is never loaded).
+// -- linear: d = a·op(b) + c + bias ---------------------------------------------
+// CUTLASS's own fusion D = β·C + (α·acc + bias): c as the source (β = 1, or
+// β = 0 without one, and then C is never loaded), the bias row broadcast.
 template <typename T>
 using LinearFusion = cutlass::epilogue::fusion::LinCombPerColBias<T, float, T, T, float, kAlignment<T>, kRound>;
 
@@ -126,8 +126,7 @@ struct Linear : Kernel<T, BIsNByK, LinearFusion<T>> {
 
   static typename K::Arguments arguments(const LinearArgs& a, int sm_count) {
     const GemmShape& s = a.shape;
-    const bool source = a.c != nullptr && a.ldc > 0;
-    const bool bias = a.c != nullptr && a.ldc == 0;
+    const bool source = a.c != nullptr;
     typename K::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {static_cast<int>(s.m), static_cast<int>(s.n), static_cast<int>(s.k), 1},
@@ -140,7 +139,7 @@ struct Linear : Kernel<T, BIsNByK, LinearFusion<T>> {
     auto& fusion = args.epilogue.thread;
     fusion.alpha = 1.0f;
     fusion.beta = source ? 1.0f : 0.0f;
-    fusion.bias_ptr = bias ? static_cast<const T*>(a.c) : nullptr;
+    fusion.bias_ptr = static_cast<const T*>(a.bias);
     return args;
   }
 };

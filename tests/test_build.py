@@ -9,6 +9,7 @@ directories behind.
 """
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from helpers import toolkit_present
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_ARCHS = "8.0"  # one architecture, and its cheapest: CUTLASS's sm_90a kernels take minutes more
+WHEEL_TORCH_VERSIONS = ("2.14.1", "2.11.0")  # CI's torch and the GPU machine's (the Makefile's wheel-check too)
 
 
 needs_toolkit = pytest.mark.skipif(
@@ -56,12 +58,28 @@ def build_wheel(tmp_path, **env):
     return wheel, zipfile.ZipFile(wheel).namelist()
 
 
+@pytest.fixture(scope="module")
+def cuda_wheel(tmp_path_factory):
+    """The wheel `make wheel` builds (tools/build-wheel.sh: abi3, auditwheel's
+    manylinux tag), from a copy of the project, for CI_ARCHS."""
+    tmp_path = tmp_path_factory.mktemp("cuda-wheel")
+    source = project_copy(tmp_path)
+    done = subprocess.run(["bash", "tools/build-wheel.sh", sys.executable, str(tmp_path / "dist"), str(source)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, "FEATADAPT_CUDA_ARCHS": CI_ARCHS, "FEATADAPT_SKIP_CUDA_BUILD": "0"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    wheel = pathlib.Path(done.stdout.strip().splitlines()[-1])
+    return wheel, zipfile.ZipFile(wheel).namelist()
+
+
 @needs_toolkit
-def test_the_wheel_contains_the_compiled_extension(tmp_path):
-    wheel, names = build_wheel(tmp_path, FEATADAPT_CUDA_ARCHS=CI_ARCHS, FEATADAPT_SKIP_CUDA_BUILD="0")
+def test_the_wheel_contains_the_compiled_extension(cuda_wheel):
+    wheel, names = cuda_wheel
+    assert "-manylinux_" in wheel.name  # auditwheel's tag: only allowed libraries left to the system
     assert [n for n in names if n.startswith("featadapt/_C.") and n.endswith(".so")], names
     assert "featadapt/kernels/cuda.py" in names
     assert "-none-any" not in wheel.name  # a platform wheel, since it carries a binary
+    assert "-cp39-abi3-" in wheel.name  # the stable ABI and Python's limited API: one wheel for them all
 
 
 def test_skipping_the_extension_gives_a_pure_python_wheel(tmp_path):
@@ -131,3 +149,35 @@ def test_a_build_without_cutlass_says_what_to_install(tmp_path):
     assert "CUTLASS's headers" in done.stderr and "pip install --no-deps nvidia-cutlass==4.2.0.0" in done.stderr
     assert str(tmp_path) in done.stderr
 
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_the_library_binds_only_to_the_stable_abi():
+    """No symbol of ATen, c10 or torch's C++ API is left for the loader to
+    find: what the library calls of torch is the stable C shim (aoti_*,
+    torch_*), whose symbols every torch since 2.10 exports."""
+    from featadapt.kernels import extension
+
+    if extension.LOAD_ERROR is not None:
+        pytest.skip(extension.LOAD_ERROR)
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", extension._C.__file__], capture_output=True,
+                               text=True, check=True).stdout.split()
+    unstable = [name for name in undefined if name.startswith(("_ZN2at", "_ZN3c10", "_ZN5torch", "_ZNK2at",
+                                                                  "_ZNK3c10", "_ZNK5torch"))]
+    assert not unstable, unstable[:10]
+    assert any(name.startswith(("aoti_torch_", "torch_")) for name in undefined)
+
+
+@needs_toolkit
+def test_one_wheel_works_under_two_torch_versions(cuda_wheel):
+    """The stable ABI's promise, kept: the same wheel installed into fresh
+    environments with CI's torch and the GPU machine's loads, registers every
+    op, computes with the CPU kernel and plans with CUTLASS (tools/wheel_check.py).
+    The environments are cached in build/wheel-check."""
+    wheel, _ = cuda_wheel
+    done = subprocess.run(["bash", "tools/wheel-check.sh", sys.executable, str(wheel), *WHEEL_TORCH_VERSIONS],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    for version in WHEEL_TORCH_VERSIONS:
+        assert f"== torch {version}: the wheel passed its checks" in done.stdout
+        assert f"torch {version}" in done.stdout

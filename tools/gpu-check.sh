@@ -10,9 +10,10 @@
 # logging to RESULTS_DIR/<stage>.log, pytest stages with -x so one illegal
 # address does not poison the rest:
 #   setup      (background) the package and the CUDA extension (CUTLASS's
-#              sm_80 and sm_90a kernels), offline; CUTLASS's headers come
-#              from the nvidia-cutlass wheel in build/wheels, which
-#              `make setup` downloads and the device command must carry;
+#              sm_80 and sm_90a kernels), offline: from the wheel in dist/
+#              when one was carried (`make wheel`: no compiling), else
+#              built, with CUTLASS's headers from the nvidia-cutlass wheel
+#              in build/wheels (`make setup` downloads it; carry it too);
 #              the Triton stages run from the tree meanwhile            [200 s]
 #   self-check featadapt.check_backends for torch and triton: bfloat16 and
 #              float16, odd shapes and the production shape, every
@@ -90,9 +91,22 @@ if [[ $DRY_RUN -eq 0 ]] && ! command -v nvidia-smi >/dev/null; then
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi >"$RESULTS/nvidia-smi.txt" 2>&1
 
+# A prebuilt wheel carried along (`make wheel` on the CPU machine: dist/) saves
+# the build: its library goes into the tree, which every stage imports, and
+# the set-up installs the package without compiling. Else the set-up builds.
+WHEEL=$(ls -t dist/featadapt-*-cp39-abi3-*.whl 2>/dev/null | head -1 || true)
+if [[ -n "$WHEEL" && "${FEATADAPT_GPU_CHECK_BUILD:-0}" != 1 ]]; then
+    echo "featadapt gpu-check: using the prebuilt $WHEEL (FEATADAPT_GPU_CHECK_BUILD=1 builds instead)"
+    "$PYTHON" -m zipfile -e "$WHEEL" build/gpu-check-wheel
+    rm -f featadapt/_C*.so  # (an older build's library would shadow the wheel's)
+    cp build/gpu-check-wheel/featadapt/_C*.so featadapt/
+    export FEATADAPT_SKIP_EXTENSION=1
+    echo "$WHEEL" >"$RESULTS/wheel.txt"
+fi
+
 # setup, in the background: the extension takes longest to build. Until it
-# is done the stages run the machine's Python on the tree (no featadapt._C:
-# the cuda backend waits for its own stage).
+# is done the stages run the machine's Python on the tree (no featadapt._C
+# unless a wheel brought it: the cuda backend waits for its own stage).
 SETUP_START=$SECONDS
 ( timeout --kill-after=10 "$CAP_SETUP" make setup PYTHON="$PYTHON" >"$RESULTS/setup.log" 2>&1
   echo "$? $((SECONDS - SETUP_START))" >"$RESULTS/setup.rc" ) &

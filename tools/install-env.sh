@@ -42,7 +42,7 @@ build_files() {
     [[ "${FEATADAPT_SKIP_CUDA_BUILD:-0}" == 1 ]] && return 0
     "$py" -m pip download -q --no-deps -d build/wheels -r requirements/build-files.in 2>/dev/null ||
         echo "featadapt set-up: no package index; installing CUTLASS's headers from build/wheels" >&2
-    "$py" -m pip install -q --no-deps --no-index --find-links build/wheels -r requirements/build-files.in ||
+    "$py" -m pip install -q --no-deps --no-index --find-links build/wheels -c "$pins" -r requirements/build-files.in ||
         echo "featadapt set-up: nvidia-cutlass is not installable here (no index, nothing in build/wheels):" \
              "the CUDA extension's build will say what to do" >&2
 }
