@@ -121,9 +121,11 @@ T* pointer(const std::optional<Tensor>& t) {
   return t ? static_cast<T*>(t->data_ptr()) : nullptr;
 }
 
-// t ⊙= value, in place (a 0-dim tensor: the dispatcher call takes no Scalar).
+// t ⊙= value, in place. The factor is a 0-dim float32 tensor (the dispatcher
+// call takes no Scalar): it does not change t's dtype, and a half-precision t
+// is multiplied in float32, by the value itself rather than its rounding.
 void scale_(Tensor& t, double value) {
-  Tensor factor = new_empty(t, {});
+  Tensor factor = new_empty(t, {}, ScalarType::Float);
   torch::stable::fill_(factor, value);
   aten("aten::mul_", "Tensor", t, factor);
 }
