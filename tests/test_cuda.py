@@ -149,6 +149,17 @@ def test_a_missing_extension_does_not_break_import():
     assert done.stdout.strip() == kernels.NOT_BUILT
 
 
+def test_a_library_that_does_not_load_says_what_to_do():
+    """Checked by hand with a CPU-only torch 2.13: the CUDA build's library
+    needs libtorch_cuda.so, and featadapt then runs on torch ops."""
+    from featadapt.kernels.extension import load_failure
+
+    cpu_torch = load_failure(ImportError("libtorch_cuda.so: cannot open shared object file: No such file or directory"))
+    assert "this torch has no CUDA libraries" in cpu_torch and "libtorch_cuda.so" in cpu_torch
+    old_torch = load_failure(ImportError("undefined symbol: torch_call_dispatcher"))
+    assert "it needs torch 2.10 or newer" in old_torch and "torch_call_dispatcher" in old_torch
+
+
 # -- CUTLASS's plan, on any machine with the extension ------------------------
 #
 # The extension's cuda_plan asks CUTLASS (can_implement and workspace sizing)

@@ -22,9 +22,19 @@ def _load():
         return None, NOT_BUILT
     try:
         from .. import _C
-    except ImportError as error:  # e.g. built against another torch: the C++ ABI differs
-        return None, f"featadapt._C is built but does not load ({error}); rebuild it against this torch"
+    except ImportError as error:
+        return None, load_failure(error)
     return _C, None
+
+
+def load_failure(error):
+    """What to say when the built library does not load, and what to do."""
+    if any(name in str(error) for name in ("libtorch_cuda", "libc10_cuda", "libcudart")):
+        advice = ("it was built with CUDA and this torch has no CUDA libraries: install a CUDA build of torch, "
+                  "or build featadapt here (with a CPU-only torch the build makes the CPU kernel alone)")
+    else:  # e.g. a torch older than 2.10, whose stable ABI lacks what the library calls
+        advice = "rebuild it against this torch (it needs torch 2.10 or newer)"
+    return f"featadapt._C is built but does not load ({error}): {advice}"
 
 
 _C, LOAD_ERROR = _load()
