@@ -129,12 +129,6 @@ void run(const Tensor& g, const Tensor& x, const Tensor& scale, float* ds, float
   });
 }
 
-std::string strides_of(const Tensor& t) {
-  std::string text = "(";
-  for (int64_t d = 0; d < t.dim(); ++d) text += (d ? ", " : "") + std::to_string(t.stride(d));
-  return text + ")";
-}
-
 std::tuple<Tensor, Tensor> vefa_input_grads_cpu(Tensor g, Tensor x, Tensor scale, bool need_shift) {
   const char* op = "featadapt::vefa_input_grads_cpu";
   STD_TORCH_CHECK(g.is_cpu() && x.is_cpu() && scale.is_cpu(), op, ": expected CPU tensors");

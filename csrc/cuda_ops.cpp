@@ -49,22 +49,28 @@ ScalarKind scalar_kind(const char* op, ScalarType type) {
   return ScalarKind::BFloat16;  // (not reached)
 }
 
-void check_matrix(const char* op, const char* name, const Tensor& t, const Tensor& like, ScalarType dtype) {
+void check_device(const char* op, const char* name, const Tensor& t, const Tensor& like) {
   STD_TORCH_CHECK(device_of(t) == device_of(like), op, ": ", name, " must be on ", device_of(like), ", got ",
                   device_of(t));
-  STD_TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", shape_of(t));
+}
+
+void check_dtype(const char* op, const char* name, const Tensor& t, ScalarType dtype) {
   STD_TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype_name(dtype), ", got ",
                   dtype_name(t.scalar_type()));
 }
 
+void check_matrix(const char* op, const char* name, const Tensor& t, const Tensor& like, ScalarType dtype) {
+  check_device(op, name, t, like);
+  STD_TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", shape_of(t));
+  check_dtype(op, name, t, dtype);
+}
+
 void check_vector(const char* op, const char* name, const Tensor& t, const Tensor& like, int64_t size,
                   ScalarType dtype) {
-  STD_TORCH_CHECK(device_of(t) == device_of(like), op, ": ", name, " must be on ", device_of(like), ", got ",
-                  device_of(t));
+  check_device(op, name, t, like);
   STD_TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must have shape (", size, ",), got ",
                   shape_of(t));
-  STD_TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype_name(dtype), ", got ",
-                  dtype_name(t.scalar_type()));
+  check_dtype(op, name, t, dtype);
 }
 
 void check_size(const char* op, const char* name, int dim, const Tensor& t, int64_t expected, const char* meaning) {
@@ -90,10 +96,14 @@ void check_cuda(cudaError_t error, const char* what) {
 // another layout (a gradient autograd expanded, say) are copied; the forward
 // inputs are checked by the backend first (cuda_backend.not_supported_reasons),
 // so dispatch sends such a call to torch instead of paying for a copy here.
+// (A single row's stride is never stepped over: its width stands in for it.)
+int64_t row_stride(const Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
+
+bool aligned(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
 bool readable(const Tensor& t) {
-  const int64_t row = t.size(0) > 1 ? t.stride(0) : t.size(1);
-  return t.stride(1) == 1 && row % 8 == 0 && row >= t.size(1) &&
-         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  const int64_t row = row_stride(t);
+  return t.stride(1) == 1 && row % 8 == 0 && row >= t.size(1) && aligned(t);
 }
 
 Tensor operand(const Tensor& t) {
@@ -102,19 +112,14 @@ Tensor operand(const Tensor& t) {
   return readable(c) ? c : torch::stable::clone(c);  // (a contiguous view at an odd offset)
 }
 
-int64_t row_stride(const Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
-
-// A (size,) float32 vector, contiguous and 16-byte aligned (RowBroadcast reads it in vectors).
-Tensor float_vector(const Tensor& t) {
-  Tensor c = torch::stable::contiguous(torch::stable::to(t, ScalarType::Float));
-  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : torch::stable::clone(c);
-}
-
-// A (size,) vector in its own dtype, contiguous and 16-byte aligned (the bias row).
+// A (size,) vector, contiguous and 16-byte aligned (the epilogue reads it in vectors).
 Tensor aligned_vector(const Tensor& t) {
   Tensor c = torch::stable::contiguous(t);
-  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : torch::stable::clone(c);
+  return aligned(c) ? c : torch::stable::clone(c);
 }
+
+// The same in float32 (the VeFA scale and shift, whatever the adapter's dtype).
+Tensor float_vector(const Tensor& t) { return aligned_vector(torch::stable::to(t, ScalarType::Float)); }
 
 template <typename T = void>
 T* pointer(const std::optional<Tensor>& t) {

@@ -21,7 +21,6 @@
 
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "gemm_common.h"
 
@@ -102,10 +101,6 @@ Plan plan_linear_typed(const LinearArgs& a) {
 
 template <typename T>
 void run_linear_typed(const LinearArgs& a, cudaStream_t stream) {
-  if (a.c != nullptr && a.bias != nullptr) {  // (c == d: gemm.cpp checked)
-    launch_add_bias_rows(std::is_same_v<T, cutlass::bfloat16_t> ? ScalarKind::BFloat16 : ScalarKind::Float16, a.d,
-                         a.shape.m, a.shape.n, a.shape.ldd, a.bias, stream);
-  }
   if (a.shape.b_is_n_by_k) {
     Linear<T, true>::run(linear_arguments<T, true>(a), stream);
   } else {
@@ -121,6 +116,9 @@ Plan plan_linear(ScalarKind kind, const LinearArgs& args) {
 }
 
 void run_linear(ScalarKind kind, const LinearArgs& args, cudaStream_t stream) {
+  if (args.c != nullptr && args.bias != nullptr) {  // (c == d: gemm.cpp checked)
+    launch_add_bias_rows(kind, args.d, args.shape.m, args.shape.n, args.shape.ldd, args.bias, stream);
+  }
   if (kind == ScalarKind::BFloat16) {
     run_linear_typed<cutlass::bfloat16_t>(args, stream);
   } else {

@@ -193,11 +193,5 @@ struct VefaBackward : Kernel<T, false, VefaBackwardTree<T>> {
   }
 };
 
-// What both kernel kinds check before CUTLASS's can_implement: the sizes fit
-// its int problem shape and the pointers are 16-byte aligned (TMA's rule).
-inline std::string common_reason(const GemmShape& s) {
-  return shape_reason(s, /*alignment_elements=*/8, /*arch=*/"sm_90a");
-}
-
 }  // namespace sm90
 }  // namespace featadapt

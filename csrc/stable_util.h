@@ -20,14 +20,18 @@ namespace featadapt {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-// "(3, 4)": a tensor's shape for error messages.
-inline std::string shape_of(const Tensor& t) {
+// "(3, 4)": a tensor's shape (or strides) for error messages.
+template <typename Dim>
+std::string dims_of(const Tensor& t, Dim dim) {
   std::ostringstream out;
   out << "(";
-  for (int64_t d = 0; d < t.dim(); ++d) out << (d ? ", " : "") << t.size(d);
+  for (int64_t d = 0; d < t.dim(); ++d) out << (d ? ", " : "") << dim(d);
   out << (t.dim() == 1 ? ",)" : ")");
   return out.str();
 }
+
+inline std::string shape_of(const Tensor& t) { return dims_of(t, [&](int64_t d) { return t.size(d); }); }
+inline std::string strides_of(const Tensor& t) { return dims_of(t, [&](int64_t d) { return t.stride(d); }); }
 
 inline const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
 

@@ -12,6 +12,7 @@ virtual environment per torch version, from outside the source tree):
 Prints one line per check and exits 1 on the first failure.
 """
 
+import pathlib
 import sys
 
 
@@ -26,8 +27,6 @@ def main():
         raise SystemExit("featadapt was imported from the source tree, not from the installed wheel")
     if extension.LOAD_ERROR is not None:
         raise SystemExit(f"featadapt._C does not load: {extension.LOAD_ERROR}")
-    import pathlib
-
     libraries = sorted(p.name for p in pathlib.Path(featadapt.__file__).parent.glob("_C*.so"))
     if len(libraries) != 1:
         raise SystemExit(f"the installed package holds {libraries}, not one library")
