@@ -23,7 +23,7 @@ CUDA_ARCHS ?= 8.0;9.0
 DATA_STAMP := $(VENV)/.featadapt-demo-data
 
 .PHONY: test demo bench plot pins gpu-check gpu-test gpu-sanitize gpu-bench cmake-build setup clean \
-	triton-sweep cuda-resources peft-suite wheel wheel-check
+	triton-sweep cuda-resources peft-suite wheel wheel-check docs docs-serve
 
 test: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -38,6 +38,18 @@ demo: $(STAMP) $(DATA_STAMP)
 # benchmarks/results/<device>.json and prints the summary table.
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider $(BENCH_ARGS)
+
+# The documentation site (docs/, Sphinx), built as the tests build it: every
+# warning an error. make docs-serve serves it on localhost:DOCS_PORT.
+DOCS_DIR := build/docs/html
+DOCS_PORT ?= 8000
+docs: $(STAMP)
+	$(PY) -m sphinx -b html -n -W --keep-going -q docs $(DOCS_DIR)
+	@echo "The documentation site is in $(DOCS_DIR): open $(abspath $(DOCS_DIR))/index.html, or run make docs-serve"
+
+docs-serve: docs
+	@echo "Serving $(DOCS_DIR) on http://localhost:$(DOCS_PORT)/ (Ctrl-C stops it)"
+	$(PY) -m http.server --directory $(DOCS_DIR) --bind 127.0.0.1 $(DOCS_PORT)
 
 # PNG charts from every committed results file.
 plot: $(STAMP)

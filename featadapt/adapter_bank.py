@@ -214,25 +214,57 @@ def _add_named_adapters(model, paths, backend):
 def add_named_adapter(model, name, path=None, *, backend=None):
     """Add the adapter `name` to every adapter layer it covers.
 
-    path: a directory written by `save_adapters`; modules of the file that are
-    plain nn.Linear (or Conv1D) layers get an adapter layer injected first
-    (computing with `backend`). path=None: a frozen copy of the model's own
-    adapters as they are now. A name added again replaces the earlier one.
-    Every check runs first: when it refuses, the model is left unchanged.
-    Returns the names of the layers that hold it.
+    A name added again replaces the earlier one. Every check runs first: when it
+    refuses, the model is left unchanged. The adapters are frozen buffers outside
+    the state dict; `select_adapters` chooses among them per sequence.
+
+    Args:
+        model: a plain model, or one with adapters.
+        name: any string but ``"__base__"``.
+        path: a directory written by `save_adapters`; modules of the file that are
+            plain ``nn.Linear`` (or ``Conv1D``) layers get an adapter layer
+            injected first. None: a frozen copy of the model's own adapters as
+            they are now.
+        backend: the backend injected layers compute with; None: automatic.
+
+    Returns:
+        list[str]: the names of the layers that hold it.
+
+    Raises:
+        ValueError: a name that is empty, not a string or ``"__base__"``, a file
+            that does not fit the model, or no adapters to copy.
     """
     return _add_named_adapters(model, {name: path}, backend)[name]
 
 
 def load_named_adapters(model, paths, *, backend=None):
-    """add_named_adapter for each {name: path}, all or none: every file is checked
-    before any adapter is added. Returns the names."""
+    """Add several named adapters at once, all or none.
+
+    `add_named_adapter` for each item; every file is checked before any adapter
+    is added.
+
+    Args:
+        model: a plain model, or one with adapters.
+        paths: ``{name: directory written by save_adapters}``.
+        backend: the backend injected layers compute with; None: automatic.
+
+    Returns:
+        list[str]: the names added.
+
+    Example:
+        >>> featadapt.load_named_adapters(model, {"support": "support/", "legal": "legal/"})
+        ['support', 'legal']
+    """
     _add_named_adapters(model, dict(paths), backend)
     return list(paths)
 
 
 def named_adapters(model):
-    """The names of the named adapters in the model, in the order they were added."""
+    """The names of the named adapters in `model`, in the order they were added.
+
+    Returns:
+        list[str]
+    """
     names = {}
     for _, layer in adapter_layers(model):
         if layer.adapter_bank is not None:
@@ -241,7 +273,11 @@ def named_adapters(model):
 
 
 def remove_named_adapter(model, name):
-    """Remove the adapter `name` from every layer that holds it."""
+    """Remove the adapter `name` from every layer that holds it.
+
+    Raises:
+        ValueError: no layer holds `name`.
+    """
     found = False
     for _, layer in adapter_layers(model):
         bank = layer.adapter_bank
@@ -254,15 +290,25 @@ def remove_named_adapter(model, name):
 
 @contextmanager
 def select_adapters(model, names):
-    """Run sequence i of every batch on the named adapter names[i] (None or "__base__":
-    the base model) in every adapted layer, for the duration of the context.
+    """Run sequence i of every batch on the named adapter ``names[i]``, for the duration of the context.
 
-    A name unknown to the whole model raises; a layer that lacks a name runs its
-    base weight for that sequence.
-
+    A layer that was not given a name runs its base weight for that sequence.
     The selection holds for the calling thread (or asyncio task) only: several
     threads may serve requests on one model at once, each in its own
-    select_adapters. Threads started inside the context do not inherit it.
+    ``select_adapters``; threads started inside the context do not inherit it.
+
+    Args:
+        model: a model with named adapters (`load_named_adapters`).
+        names: one name per sequence (the input's first dimension); None or
+            ``"__base__"``: the base model.
+
+    Raises:
+        ValueError: a name unknown to the whole model, or a batch whose first
+            dimension differs from ``len(names)``.
+
+    Example:
+        >>> with featadapt.select_adapters(model, ["legal", None, "support"]):
+        ...     out = model(batch)
     """
     names = list(names)
     layers = adapter_layers(model)

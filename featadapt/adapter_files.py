@@ -184,12 +184,26 @@ def write_adapter_files(layers, tensors, path):
 def save_adapters(model, path, *, root=None):
     """Save every adapter of `model` into the directory `path` (created if missing).
 
-    root (a submodule of `model`, or its name) names modules relative to it:
-    `save_adapters(classifier, path, root=classifier.encoder)` writes
-    "layer.0.attention.self.query" rather than "encoder.layer.0...", so the
-    files load into the bare encoder. Every adapter must lie under root.
-    A DistributedDataParallel model is saved as the model it wraps. A model whose
-    adapters are sharded (FSDP2) needs featadapt.save_adapters_distributed.
+    Writes ``adapters.safetensors`` (the adapter tensors only) and
+    ``adapter_config.json`` (each module's method and options), as one unit: a
+    reader sees the old pair or the new one, never a mix.
+
+    Args:
+        model: a model with adapters, or one adapter layer. A
+            ``DistributedDataParallel`` model is saved as the model it wraps; a
+            model whose adapters are sharded (FSDP2) needs
+            `save_adapters_distributed`.
+        path: the directory to write.
+        root: a submodule of `model`, or its name, that the saved module names are
+            relative to: ``save_adapters(classifier, path, root=classifier.encoder)``
+            writes ``layer.0.attention.self.query`` rather than
+            ``encoder.layer.0...``, so the files load into the bare encoder.
+
+    Raises:
+        ValueError: the model has no adapters, or one lies outside `root`.
+
+    Example:
+        >>> featadapt.save_adapters(model, "adapters/")
     """
     layers = _saved_layers(model, "save_adapters", root)
     write_adapter_files(layers, _local_tensors(layers), path)
@@ -428,18 +442,31 @@ def _like(param, value):
 def load_adapters(model, path, *, root=None, backend=None):
     """Load adapters saved by `save_adapters` into `model`, in place.
 
-    root (a submodule of `model`, or its name) is the module the saved names
-    are relative to: `load_adapters(clf, path, root=clf.bert)` puts adapters
-    saved from a bare BERT encoder into a classifier built around one. The
-    returned names are relative to root too. Adapters saved from a bare adapter
-    layer load into an adapter layer, or into a plain layer named by root=.
+    Modules that are plain ``nn.Linear`` (or ``Conv1D``) layers get the saved
+    adapter injected; modules that already carry one must match its method and
+    options. Every check runs before anything changes. A
+    ``DistributedDataParallel`` model loads into the model it wraps; sharded
+    (FSDP2) adapters load on every rank, each rank keeping its shard.
 
-    Modules that are plain nn.Linear (or Conv1D) layers get the saved adapter injected
-    (computing with `backend`, automatic by default); modules that already
-    carry one must match its method and hyper-parameters. Every check runs
-    before anything is changed. A DistributedDataParallel model loads into the
-    model it wraps; sharded (FSDP2) adapters load on every rank, each rank keeping
-    its shard. Returns the loaded names.
+    Args:
+        model: a plain model, or one with matching adapters; or one layer.
+        path: a directory written by `save_adapters`.
+        root: a submodule of `model`, or its name, that the saved names are
+            relative to: ``load_adapters(clf, path, root=clf.bert)`` puts adapters
+            saved from a bare BERT encoder into a classifier built around one.
+        backend: the backend the injected layers compute with; None: automatic.
+
+    Returns:
+        list[str]: the names of the modules loaded, relative to `root`.
+
+    Raises:
+        FileNotFoundError: `path` holds no adapter files.
+        ValueError: a module the file names is missing, or its adapter's method,
+            options or shapes differ (the message names the module and both shapes).
+        TypeError: a module the file names cannot take an adapter.
+
+    Example:
+        >>> names = featadapt.load_adapters(model, "adapters/")
     """
     whole_model = _unwrap(model)
     model = resolve_root(whole_model, root, "load_adapters")

@@ -35,10 +35,18 @@ def gather_adapter_tensors(model):
 def save_adapters_distributed(model, path, *, rank=0):
     """Save `model`'s adapters into the directory `path`, written by `rank` alone.
 
-    Every rank must call it (it gathers sharded adapters); it returns once the
-    files are written, so any rank may then `featadapt.load_adapters` them
-    (`path` must be on a file system every loading rank sees).
-    Without an initialized process group it is `featadapt.save_adapters`.
+    Every rank must call it (it gathers the sharded adapter tensors, never the
+    frozen weights); it returns once the files are written, so any rank may then
+    `load_adapters` them. Without an initialized process group it is
+    `save_adapters`.
+
+    Args:
+        model: a model with adapters, plain, under DDP or sharded by FSDP2.
+        path: the directory to write, on a file system every loading rank sees.
+        rank: the rank that writes.
+
+    Raises:
+        ValueError: `rank` is not a rank of the process group.
     """
     initialized = dist.is_available() and dist.is_initialized()
     world_size = dist.get_world_size() if initialized else 1

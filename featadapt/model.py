@@ -168,15 +168,38 @@ def freeze_all_but_adapters(model):
 
 
 def inject(model, method, target_modules=ALL_LINEAR, **config):
-    """Wrap the selected linear layers of `model` in `method`'s adapter, in place.
+    """Wrap the selected layers of `model` in `method`'s adapter, in place.
 
-    method: "vefa", "lorfa" or "lora". target_modules: "all-linear" (every
-    nn.Linear, transformers' Conv1D, as in GPT-2, and quantized linear but the
-    output head), a list of module-name suffixes, or a regex matched against
-    the full module name (which may also select convolutions). config goes to the adapter class (e.g. r=8, alpha=16 for
-    LoRA/LoRFA; shift=True for VeFA).
-    Freezes everything that is not an adapter; returns the replaced names.
-    Every check runs first: when inject refuses, the model is left unchanged.
+    Everything that is not an adapter is frozen. Every check runs first: when
+    inject refuses, the model is left unchanged.
+
+    Args:
+        model: any ``nn.Module``.
+        method: ``"vefa"``, ``"lorfa"`` or ``"lora"``.
+        target_modules: ``"all-linear"`` (every ``nn.Linear``, transformers'
+            ``Conv1D`` as in GPT-2, and quantized linear, but the output head:
+            the model's ``get_output_embeddings()`` when it declares one, else
+            its last ``nn.Linear``), a list of module-name suffixes such as
+            ``["query", "value"]``, or a compiled regex matched against the
+            full module name (which may also select convolutions).
+        **config: the adapter's options: ``shift`` for VeFA (see `VeFALinear`);
+            ``r``, ``alpha``, ``dropout``, ``rslora`` for LoRFA and LoRA (see
+            `LoRFALinear`, `LoRALinear`).
+
+    Returns:
+        list[str]: the names of the modules replaced.
+
+    Raises:
+        ValueError: an unknown method, nothing matched, a module that already
+            has an adapter, or an option value a layer refuses (such as ``r``
+            above its ``in_features``).
+        TypeError: an unknown option, a ``target_modules`` of the wrong kind,
+            or a selected module that cannot be adapted (named in the message).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 10))
+        >>> featadapt.inject(model, "lorfa", r=8, alpha=16)
+        ['0']
     """
     _check_config(method, config)
     matched = matching_modules(model, target_modules)
@@ -205,7 +228,12 @@ def inject(model, method, target_modules=ALL_LINEAR, **config):
 
 
 def trainable_parameters(model):
-    """(trainable, total) parameter counts."""
+    """Count the parameters of `model`.
+
+    Returns:
+        tuple[int, int]: ``(trainable, total)``, the elements of the parameters
+        that require grad and of all parameters.
+    """
     trainable = total = 0
     for param in model.parameters():
         total += param.numel()
@@ -215,6 +243,15 @@ def trainable_parameters(model):
 
 
 def print_trainable_parameters(model):
+    """Print `trainable_parameters(model)` in PEFT's format.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 10))
+        >>> featadapt.inject(model, "lorfa", r=8, alpha=16)
+        ['0']
+        >>> featadapt.print_trainable_parameters(model)
+        trainable params: 1,024 || all params: 10,634 || trainable%: 9.6295
+    """
     trainable, total = trainable_parameters(model)
     share = 100.0 * trainable / total if total else 0.0
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
@@ -246,9 +283,23 @@ def _merge_all(layers, requantize=False):
 
 
 def merge_adapters(model, *, requantize=False):
-    """Merge every adapter. Layers on a quantized base refuse (merging re-quantizes,
-    losing precision) unless requantize=True; every layer is checked before any
-    is merged."""
+    """Fold every adapter into its base layer's weight, for inference at the base layer's cost.
+
+    `unmerge_adapters` restores the original weights bit for bit. Every layer
+    is checked before any is merged.
+
+    Args:
+        model: a model with adapters (from `inject` or `load_adapters`).
+        requantize: merge into quantized bases too (bitsandbytes), re-quantizing
+            the weight, which loses precision (a warning gives the error).
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: a layer on a quantized base, unless ``requantize=True``.
+        TypeError: ``requantize`` is not a bool.
+    """
     _check_bool("merge_adapters", "requantize", requantize)
     layers = [(name, layer) for name, layer in adapter_layers(model) if not layer.merged]
     for name, layer in layers:
@@ -261,6 +312,11 @@ def merge_adapters(model, *, requantize=False):
 
 
 def unmerge_adapters(model):
+    """Undo `merge_adapters`: every merged layer gets its original weight back, bit for bit.
+
+    Returns:
+        The model.
+    """
     for _, layer in adapter_layers(model):
         if layer.merged:
             layer.unmerge()
@@ -268,15 +324,31 @@ def unmerge_adapters(model):
 
 
 def unload(model, merge=True, *, dequantize=False):
-    """Replace every adapter layer by its base layer: merged (merge=True) or with
-    the original pretrained weight (merge=False). Returns the model, or, when
-    `model` is itself an adapter layer, its base layer.
+    """Replace every adapter layer by its base layer, in place.
 
-    A quantized base cannot be merged into without re-quantizing: with
-    merge=True it raises, unless dequantize=True, which puts a full-precision
-    (float32) nn.Linear with the adapter folded in exactly in its place.
     All checks run before any layer changes; when unload refuses, the model is
-    left unchanged."""
+    left unchanged.
+
+    Args:
+        model: a model with adapters, or one adapter layer.
+        merge: fold each adapter into its base's weight (True), or give the
+            base back with its original pretrained weight (False).
+        dequantize: put a full-precision (float32) ``nn.Linear`` with the
+            adapter folded in exactly in place of each quantized base (needs
+            ``merge=True``).
+
+    Returns:
+        The model, or, when `model` is itself an adapter layer, its base layer.
+
+    Raises:
+        ValueError: ``merge=True`` on a quantized base without
+            ``dequantize=True`` (merging would re-quantize it; see
+            `merge_adapters`), or ``dequantize=True`` with ``merge=False``.
+        TypeError: ``merge`` or ``dequantize`` is not a bool.
+
+    Example:
+        >>> plain = featadapt.unload(model)      # plain nn.Linear layers, adapters merged
+    """
     _check_bool("unload", "merge", merge)
     _check_bool("unload", "dequantize", dequantize)
     if dequantize and not merge:

@@ -231,18 +231,29 @@ def check_backends(device=None, *, backends_to_check=None, dtypes=None, ops=None
                    production=None, all_configs=True, seed=0, progress=None):
     """Check every usable backend on `device` against the float64 reference.
 
-    device: a torch device (default: the current CUDA device, else the CPU).
-    backends_to_check: backend names (default: every registered one usable here).
-    dtypes: torch dtypes (default float32, float16, bfloat16).
-    ops: op names from featadapt.ops.dispatch.OPS / INDEXED_OPS (default all).
-    shapes: (M, K, N, r) tuples (default ODD_SHAPES, plus PRODUCTION_SHAPE when
-    `production`, which defaults to True on CUDA and False on the CPU).
-    all_configs: on CUDA, run the Triton kernels in every configuration the
-    pruning rule keeps, one after another (False: the one auto-tuning picks).
-    progress: called with each finished CheckRow (e.g. print).
+    Each backend × op × dtype runs forward and backward on odd shapes (and, on
+    CUDA, a production shape); float32 runs with TF32 off (restored afterwards).
+    ``python -m featadapt.info --check`` runs it from the command line.
 
-    Returns a CheckReport: `.passed`, `.failures`, `.table()`, `.to_json()`.
-    float32 runs with TF32 off (restored afterwards).
+    Args:
+        device: a torch device; None: the current CUDA device, else the CPU.
+        backends_to_check: backend names; None: every registered one usable here.
+        dtypes: torch dtypes; None: float32, float16 and bfloat16.
+        ops: op names from ``featadapt.ops.dispatch.OPS`` and ``INDEXED_OPS``; None: all.
+        shapes: ``(M, K, N, r)`` tuples; None: the odd shapes, plus the
+            production shape when `production`.
+        production: also run the production shape; None: on CUDA only.
+        all_configs: on CUDA, run the Triton kernels in every configuration the
+            pruning rule keeps (False: the one autotuning picks).
+        seed: the random inputs' seed.
+        progress: called with each finished row (``print``, say).
+
+    Returns:
+        The report, a ``CheckReport``, with ``.passed``, ``.failures``, ``.table()``
+        and ``.to_json()``.
+
+    Raises:
+        ValueError: an unknown backend, op or dtype name.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:

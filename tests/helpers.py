@@ -273,3 +273,16 @@ def toolkit_present():
     """Whether CUDA_HOME names a CUDA toolkit (the Makefile sets it where one is)."""
     home = os.environ.get("CUDA_HOME", "")
     return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def results_tables():
+    """docs/results_tables.py, the registry of tables made from the committed results files
+    (docs/ is not a package: loaded by path)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "results_tables.py"
+    spec = importlib.util.spec_from_file_location("results_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

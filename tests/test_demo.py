@@ -8,6 +8,8 @@ import collections
 import importlib.util
 import json
 import math
+import pathlib
+import re
 
 import pytest
 
@@ -165,7 +167,7 @@ def test_demo_smoke_run(smoke_run):
     assert not (out / "full").exists()
 
 
-# The README's example of loading the demo's files into the stock transformers models,
+# The demo page's example of loading the demo's files into the stock transformers models,
 # run on the files the smoke run wrote, then the demo's accuracy recomputed from them.
 STOCK_MODEL_CHECK = """
 import json, sys
@@ -175,7 +177,7 @@ out, results = sys.argv[1], json.load(open(sys.argv[1] + "/results.json"))
 report = {}
 for method in ("lora", "lorfa", "vefa"):
     namespace = {}
-    exec(README_BLOCK.replace('folder = "docs/demo/vefa"', f'folder = "{out}/{method}"'), namespace)
+    exec(PAGE_BLOCK.replace('folder = "docs/demo/vefa"', f'folder = "{out}/{method}"'), namespace)
     encoder, head, tokenizer = namespace["encoder"], namespace["head"], namespace["tokenizer"]
     config = results["config"]
     test = load_reviews(config["train_size"], config["test_size"], seed=config["split_seed"]).test
@@ -189,13 +191,40 @@ print(json.dumps(report))
 """
 
 
-def readme_block(marker):
-    import pathlib
-    import re
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEMO_PAGE = ROOT / "docs" / "demo.md"
+# The demo page's python blocks, each found by a line only it has, and the test that runs it.
+DEMO_PAGE_BLOCKS = {
+    'folder = "docs/demo/vefa"': "test_the_committed_demo_adapters_load_into_the_stock_encoder",
+    "watch = IntruderDimensionsCallback(trainer, every=4)": "test_trainer_intruder_example_runs",
+}
 
-    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if marker in b]
+
+def page_blocks():
+    return re.findall(r"```python\n(.*?)```", DEMO_PAGE.read_text(), flags=re.S)
+
+
+def page_block(marker):
+    (block,) = [b for b in page_blocks() if marker in b]
     return block
+
+
+def test_every_python_block_on_the_demo_page_is_run():
+    assert len(page_blocks()) == len(DEMO_PAGE_BLOCKS)
+    for marker, test in DEMO_PAGE_BLOCKS.items():
+        assert page_block(marker) and callable(globals()[test])
+
+
+def test_trainer_intruder_example_runs(tmp_path, monkeypatch):
+    """The page's IntruderDimensionsCallback example runs as written, in a fresh directory."""
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(page_block("watch = IntruderDimensionsCallback(trainer, every=4)"), "docs/demo.md", "exec"),
+         namespace)
+    history = namespace["watch"].history
+    assert [entry["step"] for entry in history] == [0, 4, 8]
+    assert (tmp_path / "gpt2-lora" / "adapter_config.json").is_file()
 
 
 def test_saved_adapters_load_into_the_stock_models_in_a_fresh_process(smoke_run):
@@ -203,8 +232,8 @@ def test_saved_adapters_load_into_the_stock_models_in_a_fresh_process(smoke_run)
     import sys
 
     out, results = smoke_run
-    block = readme_block('folder = "docs/demo/vefa"')
-    script = f"README_BLOCK = {block!r}\n" + STOCK_MODEL_CHECK
+    block = page_block('folder = "docs/demo/vefa"')
+    script = f"PAGE_BLOCK = {block!r}\n" + STOCK_MODEL_CHECK
     completed = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -217,17 +246,15 @@ def test_saved_adapters_load_into_the_stock_models_in_a_fresh_process(smoke_run)
 
 
 def test_the_committed_demo_adapters_load_into_the_stock_encoder():
-    """The README's example as written, on the files in docs/demo/."""
+    """The demo page's example as written, on the files in docs/demo/."""
     require_demo_packages()
     import os
-    import pathlib
 
-    root = pathlib.Path(__file__).resolve().parent.parent
     previous = os.getcwd()
-    os.chdir(root)
+    os.chdir(ROOT)
     try:
         namespace = {}
-        exec(readme_block('folder = "docs/demo/vefa"'), namespace)
+        exec(page_block('folder = "docs/demo/vefa"'), namespace)
     finally:
         os.chdir(previous)
     assert namespace["logits"].shape == (2, 2)
@@ -244,8 +271,9 @@ def test_sequential_quick_run(tmp_path):
 
     out = tmp_path / "sequential"
     main(["--experiment", "sequential", "--methods", "lora,full", "--train-size", "16", "--test-size", "8",
-          "--b-train-size", "16", "--b-test-size", "8", "--batch-size", "8", "--max-length", "24",
-          "--wordsim-pairs", "12", "--analogy-questions", "60", "--watch-every", "1", "--output-dir", str(out)])
+          "--b-train-size", "16", "--b-test-size", "8", "--epochs", "1", "--batch-size", "8", "--max-length", "24",
+          "--wordsim-pairs", "12", "--analogy-questions", "60", "--watch-every", "1", "--threads", "1",
+          "--output-dir", str(out)])
     results = json.loads((out / "sequential.json").read_text())
     assert list(results["methods"]) == ["lora", "full"]
     assert results["probes"] == {"wordsim_pairs": 12, "analogy_questions": 60}
@@ -256,6 +284,7 @@ def test_sequential_quick_run(tmp_path):
         assert set(a["accuracy"]) == {"A"} and set(b["accuracy"]) == {"A", "B"}  # task A is measured again after B
         for stage in (a, b):
             assert stage["steps"] == 2 and len(stage["layers"]) == 36
+            assert len(stage["losses"]) == 2 and stage["final_loss"] == stage["losses"][-1]
             assert 0 <= stage["analogy"] <= 1 and -1 <= stage["wordsim"] <= 1
             assert all(0 <= acc <= 1 for acc in stage["accuracy"].values())
         watch = run["watch"]
@@ -268,7 +297,7 @@ def test_sequential_quick_run(tmp_path):
         assert summary["after_B"]["accuracy"]["A"]["mean"] == b["accuracy"]["A"]
     cost = results["watch_cost"]
     assert cost["seconds_per_check"] > 0 and cost["overhead_at_default_interval"] < cost["overhead_in_this_run"]
-    for plot in ("sequential_forgetting.png", "intruders_over_steps.png", "lora_similarity.png"):
+    for plot in ("sequential_forgetting.png", "intruders_over_steps.png", "training_loss.png", "lora_similarity.png"):
         assert (out / plot).read_bytes().startswith(b"\x89PNG")
     assert (out / "lora" / "head.safetensors").is_file() and not (out / "full").exists()
 
@@ -291,24 +320,92 @@ def test_sequential_quick_run(tmp_path):
     assert json.loads((tmp_path / "merged" / "sequential.json").read_text())["methods"]["lora"]["summary"] == \
         lora["summary"]
     assert (tmp_path / "merged" / "sequential_forgetting.png").is_file()
+    # The first seed's adapters and pictures come along, and the record points at the copies.
+    assert merged["files"]["adapters"] == {"lora": str(tmp_path / "merged" / "lora")}
+    assert (tmp_path / "merged" / "lora" / "head.safetensors").is_file()
+    assert (tmp_path / "merged" / "lora_similarity.png").is_file()
     other["config"]["epochs"] = 3
     with pytest.raises(ValueError, match="the runs differ in epochs"):
         merge_seed_results([results, other], tmp_path / "bad")
 
 
-def test_lr_sweep_quick_run(tmp_path):
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory):
+    """One quick sweep (VeFA at two learning rates, one seed), shared by the tests below."""
     require_demo_packages()
-    from featadapt.demo.sweep import SweepConfig, format_table, run_lr_sweep
+    from featadapt.demo.sweep import SweepConfig, run_lr_sweep
 
+    out = tmp_path_factory.mktemp("sweep")
     config = SweepConfig(train_size=16, test_size=8, epochs=1, batch_size=8, max_length=24, wordsim_pairs=12,
-                         methods=["vefa"], lr_factors=(0.5, 2.0), output_dir=str(tmp_path))
-    results = run_lr_sweep(config, log=lambda message: None)
+                         methods=["vefa"], lr_factors=(0.5, 2.0), threads=1, output_dir=str(out))
+    return out, run_lr_sweep(config, log=lambda message: None)
+
+
+def test_lr_sweep_quick_run(quick_sweep):
+    from featadapt.demo.sweep import format_table
+
+    from featadapt.demo.train import failed_to_learn
+
+    out, results = quick_sweep
+    majority = results["data"]["test_majority_share"]
     points = results["methods"]["vefa"]["points"]
     assert [p["learning_rate"] for p in points] == pytest.approx([5e-3, 2e-2])
-    assert all(0 <= p["test_accuracy"] <= 1 and -1 <= p["wordsim_after"] <= 1 for p in points)
-    assert json.loads((tmp_path / "lr_sweep.json").read_text())["methods"]["vefa"]["points"] == points
-    assert (tmp_path / "lr_frontier.png").read_bytes().startswith(b"\x89PNG")
-    assert "vefa" in format_table(results)
+    assert [p["factor"] for p in points] == pytest.approx([0.5, 2.0])
+    for point in points:
+        (run,) = point["runs"]
+        assert point["seeds"] == [0] and run["steps"] == 2 and len(run["losses"]) == 2
+        assert 0 <= run["test_accuracy"] <= 1 and -1 <= run["wordsim_after"] <= 1
+        assert point["summary"]["test_accuracy"] == {"mean": run["test_accuracy"], "std": 0.0}
+        assert point["failed"] == int(failed_to_learn(run["losses"], run["test_accuracy"], majority))
+    assert json.loads((out / "lr_sweep.json").read_text())["methods"]["vefa"]["points"] == points
+    assert (out / "lr_frontier.png").read_bytes().startswith(b"\x89PNG")
+    assert "vefa" in format_table(results) and "failed to learn" in format_table(results)
+
+
+def test_lr_sweep_parts_merge(quick_sweep, tmp_path):
+    """Seeds run as separate processes, and extra learning rates run later, pool into one file."""
+    import copy
+
+    from featadapt.demo.sweep import merge_sweep_results, table_rows
+
+    _, results = quick_sweep
+    other = copy.deepcopy(results)  # seed 1 at the same two rates, with other accuracies
+    other["config"]["seed"] = 1
+    for point in other["methods"]["vefa"]["points"]:
+        for run in point["runs"]:
+            run["seed"], run["test_accuracy"] = 1, 1.0 - run["test_accuracy"]
+        point["seeds"] = [1]
+    extra = copy.deepcopy(results)  # seed 0 at one more rate
+    extra["config"]["lr_factors"] = [8.0]
+    (extra_point,) = extra["methods"]["vefa"]["points"][:1]
+    extra_point["learning_rate"] = 8e-2
+    extra["methods"]["vefa"]["points"] = [extra_point]
+    merged = merge_sweep_results([other, results, extra], tmp_path / "merged")
+    points = merged["methods"]["vefa"]["points"]
+    assert [p["learning_rate"] for p in points] == pytest.approx([5e-3, 2e-2, 8e-2])
+    assert [p["seeds"] for p in points] == [[0, 1], [0, 1], [0]]
+    assert points[0]["summary"]["test_accuracy"]["mean"] == pytest.approx(0.5)
+    assert points[2]["factor"] == pytest.approx(8.0)
+    assert merged["config"]["seeds"] == 2 and merged["config"]["lr_factors"] == [0.5, 2.0, 8.0]
+    assert [row[5] for row in table_rows(merged)] == [f"{p['failed']} of {len(p['runs'])}" for p in points]
+    assert json.loads((tmp_path / "merged" / "lr_sweep.json").read_text())["methods"] == merged["methods"]
+    assert (tmp_path / "merged" / "lr_frontier.png").is_file()
+    with pytest.raises(ValueError, match=r"vefa at lr 0.005 has seed\(s\) \[0\] in more than one part"):
+        merge_sweep_results([results, results], tmp_path / "twice")
+    other["config"]["max_length"] = 32
+    with pytest.raises(ValueError, match="the runs differ in max_length"):
+        merge_sweep_results([results, other], tmp_path / "bad")
+
+
+def test_failed_to_learn_reads_the_loss_curve_and_the_accuracy():
+    from featadapt.demo.train import CHANCE_LOSS, failed_to_learn
+
+    assert not failed_to_learn([0.7] * 18 + [0.3, 0.3], 0.8, 0.55)  # it ended well, whatever the start
+    assert failed_to_learn([0.3] * 18 + [0.9, 0.9], 0.8, 0.55)  # its last tenth is worse than 50/50
+    assert failed_to_learn([0.3, float("nan"), 0.3], 0.8, 0.55)
+    # A collapsed encoder: the loss sits just under ln 2 while the accuracy is the commoner label's share.
+    assert failed_to_learn([0.68] * 20, 0.5, 0.5) and not failed_to_learn([0.68] * 20, 0.56, 0.5)
+    assert CHANCE_LOSS == pytest.approx(0.6931, abs=1e-4)
 
 
 def test_speeches_split_by_speaker_with_a_balanced_test_set():
@@ -361,7 +458,16 @@ def test_sequential_and_sweep_options():
 
     assert parse_args(["--lr-sweep"]).experiment == "lr-sweep"
     assert parse_args(["--experiment", "sequential"]).experiment == "sequential"
-    for bad in (["--experiment", "sequential", "--lr-sweep"], ["--watch-every", "0"], ["--b-train-size", "0"]):
+    assert parse_args(["--lr-sweep", "--lr-factors", "1/3,1,3"]).lr_factors == pytest.approx((1 / 3, 1.0, 3.0))
+    assert parse_args(["--lr-sweep", "--merge-seeds", "a", "b"]).merge_seeds == ["a", "b"]
+    assert parse_args(["--lr", "lorfa=6.7e-4", "--lr", "vefa=0.02"]).lr == [("lorfa", 6.7e-4), ("vefa", 0.02)]
+    from featadapt.demo.train import METHODS, method_for
+
+    assert method_for("lorfa", {"lorfa": 1e-4}).learning_rate == 1e-4 and method_for("lorfa") is METHODS["lorfa"]
+    for bad in (["--experiment", "sequential", "--lr-sweep"], ["--watch-every", "0"], ["--b-train-size", "0"],
+                ["--lr-sweep", "--lr-factors", "1,1"], ["--lr-sweep", "--lr-factors", "0,1"],
+                ["--lr-sweep", "--lr-factors", "a"], ["--lr-factors", "1,3"], ["--merge-seeds", "a"],
+                ["--lr", "dora=1e-3"], ["--lr", "lora=-1"], ["--lr", "lora"], ["--lr", "lora=x"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -388,19 +494,23 @@ def test_options_are_checked():
             parse_args(bad)
 
 
-def test_readme_demo_tables_match_the_committed_results():
-    """The sequential and learning-rate tables in the README are the committed results, cell for cell."""
-    import pathlib
-
-    from featadapt.demo import sequential_report, sweep
-
-    root = pathlib.Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
-    sequential = json.loads((root / "docs" / "demo" / "sequential" / "sequential.json").read_text())
-    assert sequential["config"]["seeds"] == 3
-    assert sequential_report.markdown_table(sequential) in readme
-    lr_sweep = json.loads((root / "docs" / "demo" / "lr-sweep" / "lr_sweep.json").read_text())
-    assert sweep.markdown_table(lr_sweep) in readme
-    for plot in ("sequential/sequential_forgetting.png", "sequential/intruders_over_steps.png",
-                 "lr-sweep/lr_frontier.png"):
-        assert f"docs/demo/{plot}" in readme and (root / "docs" / "demo" / plot).is_file()
+def test_demo_page_shows_the_committed_results():
+    """The demo page's tables come from the committed results files (the docs build puts them in
+    at each marker), its pictures exist, and the deeper experiments are committed at the
+    default experiment's size with three seeds."""
+    page = DEMO_PAGE.read_text()
+    for name in ("demo-default", "demo-sequential", "demo-sequential-lorfa-lr", "demo-lr-sweep"):
+        assert f"<!-- results-table: {name} -->" in page
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
+    assert len(images) >= 5 and all((DEMO_PAGE.parent / image).is_file() for image in images), images
+    sequential = json.loads((ROOT / "docs" / "demo" / "sequential" / "sequential.json").read_text())
+    config = sequential["config"]
+    assert (config["a_train_size"], config["b_train_size"], config["epochs"], config["seeds"]) == (2000, 2000, 2, 3)
+    lower_rate = json.loads((ROOT / "docs" / "demo" / "sequential-lorfa-lr" / "sequential.json").read_text())
+    assert lower_rate["config"]["learning_rates"] == {"lorfa": 6.7e-4} and lower_rate["config"]["seeds"] == 3
+    assert {key: lower_rate["config"][key] for key in ("a_train_size", "b_train_size", "epochs")} == \
+        {key: config[key] for key in ("a_train_size", "b_train_size", "epochs")}
+    sweep = json.loads((ROOT / "docs" / "demo" / "lr-sweep" / "lr_sweep.json").read_text())
+    assert (sweep["config"]["train_size"], sweep["config"]["epochs"]) == (2000, 2)
+    for name, entry in sweep["methods"].items():
+        assert len(entry["points"]) >= 3 and all(len(point["runs"]) == 3 for point in entry["points"]), name

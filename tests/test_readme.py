@@ -1,10 +1,13 @@
-"""The README's usage example runs as written."""
+"""The README: a short front door whose example runs, whose tables are the
+generated ones, and whose links lead to pages of the docs."""
 
 import pathlib
 import re
 
 import pytest
-import torch
+
+import featadapt
+from helpers import results_tables as load_results_tables
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -13,95 +16,39 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_usage_example_runs(tmp_path, monkeypatch):
-    example = python_blocks()[0]
+def test_the_readme_is_short_and_sets_up_first():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    headings = re.findall(r"^## (.*)", text, flags=re.M)
+    assert headings[0] == "Set up"
+    assert "make demo    # creates .venv" in text and "make test    # the same set-up, then the test suite" in text
+
+
+def test_quick_start_runs(tmp_path, monkeypatch):
+    """The README's one example, as written: every op, module and helper it shows works."""
+    pytest.importorskip("peft")
+    [example] = python_blocks()
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)
-    plain = namespace["plain"]
-    assert all(type(m) in (torch.nn.Linear, torch.nn.GELU) for m in plain)
-    assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+    assert (tmp_path / "my-adapters" / "adapter_config.json").is_file()
+    assert isinstance(namespace["model"][0], featadapt.VeFALinear)
 
 
-# The integration examples that save something, each found by a line only it has
-# (so a new block elsewhere in the README does not shift them).
-INTEGRATION_BLOCKS = {
-    "peft": "from featadapt.integrations.peft import VeFAConfig, accelerate",
-    "gpt2-conv1d": 'featadapt.save_adapters(model, "gpt2-lorfa")',
-    "trainer": "Trainer(model=model, args=args, train_dataset=train_set).train()",
-    "many-adapters": "scale = 1 + 0.1 * torch.randn(100, 32)",
-    "trainer-intruders": "watch = IntruderDimensionsCallback(trainer, every=4)",
-    "peft-quantized": 'model.save_pretrained("lorfa-4bit")',
-}
-# The blocks with tests of their own: the usage example, the signatures, the
-# quantized base, and the demo's files in the stock models (run by tests/test_demo.py).
-OTHER_BLOCKS = 4
-
-
-def block_with(marker):
-    found = [block for block in python_blocks() if marker in block]
-    assert len(found) == 1, f"{len(found)} README python blocks contain {marker!r}"
-    return found[0]
-
-
-def quantized_block():
-    return block_with("plain = featadapt.unload(model, merge=True, dequantize=True)")
-
-
-def test_every_python_block_is_checked():
-    assert len(python_blocks()) == OTHER_BLOCKS + len(INTEGRATION_BLOCKS)
-
-
-def test_quantized_base_example_runs():
-    pytest.importorskip("bitsandbytes")
-    namespace = {}
-    exec(compile(quantized_block(), "README.md", "exec"), namespace)
-    plain = namespace["plain"]
-    assert type(plain[0]) is torch.nn.Linear and plain[0].weight.dtype == torch.float32
-    # the float32 weight is the 4-bit one dequantized (the adapter starts at zero): close to, not equal to, the original
-    error = (plain[0].weight - namespace["full"][0].weight).norm() / namespace["full"][0].weight.norm()
-    assert 0 < error < 0.2
-
-
-@pytest.mark.parametrize("marker", INTEGRATION_BLOCKS.values(), ids=INTEGRATION_BLOCKS.keys())
-def test_integration_example_runs(marker, tmp_path, monkeypatch):
-    """Each runs as written (their own asserts included), in a fresh directory."""
-    monkeypatch.chdir(tmp_path)
-    block = block_with(marker)
-    if "import bitsandbytes" in block:
-        pytest.importorskip("bitsandbytes")
-    exec(compile(block, "README.md", "exec"), {})
-    assert any(tmp_path.iterdir())  # each saves something
-
-
-def test_functional_signatures_match_the_code():
-    import inspect
-
-    import featadapt
-
-    block = python_blocks()[1]
-    for name in ("vefa_linear", "lorfa_linear", "lora_linear"):
-        documented = re.search(rf"featadapt\.{name}(\(.*?\))", block).group(1)
-        actual = str(inspect.signature(getattr(featadapt, name)))
-        assert documented == actual, (name, documented, actual)
-
-
-def test_performance_tables_match_the_committed_results():
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("plot", README.parent / "benchmarks" / "plot.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+def test_tables_after_a_marker_are_the_generated_ones():
+    """Each `<!-- results-table: NAME -->` line is followed by TABLES[NAME]'s table, as the docs build would make it."""
+    registry = load_results_tables()
     text = README.read_text()
-    quoted = dict(re.findall(r"<!-- perf-table:start (\S+) -->\n(.*?)\n<!-- perf-table:end -->", text, flags=re.S))
-    # the benchmark results files: layers and end to end, and mixed-adapter batches
-    # (the compile-resource reports in the same folder have neither)
-    files = [f for f in sorted((README.parent / "benchmarks" / "results").glob("*.json"))
-             if {"layers", "layer"} & set(json.loads(f.read_text()))]
-    assert files and sorted(quoted) == sorted(f.stem for f in files), "one README table per results file"
-    for path in files:
-        assert quoted[path.stem].strip() == plot.tables(json.loads(path.read_text())).strip(), path.name
+    quoted = re.findall(r"^<!-- results-table: (\S+) -->\n(.*?)(?:\n\n|\Z)", text, flags=re.S | re.M)
+    assert quoted, "the README quotes the headline performance table"
+    for name, table in quoted:
+        assert table.strip() == registry.table(name), name
+
+
+def test_links_into_the_docs_point_at_pages():
+    """Every docs/*.md link names a page of the site."""
+    for target in re.findall(r"\]\((docs/[^)#]+)", README.read_text()):
+        assert (README.parent / target).is_file(), target
 
 
 def test_quickstart_example_runs(tmp_path):

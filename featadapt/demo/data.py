@@ -174,6 +174,12 @@ def speaker_split(passages, train_size, test_size, seed=0):
     return Split(train=train[:train_size], test=test)
 
 
+def majority_share(examples):
+    """The accuracy of always answering the commonest label: what an accuracy must beat."""
+    labels = [label for _, label in examples]
+    return max(labels.count(label) for label in set(labels)) / len(labels)
+
+
 def load_speeches(train_size, test_size, seed=0, path=None):
     return speaker_split(speech_passages(read_speeches(path)), train_size, test_size, seed)
 

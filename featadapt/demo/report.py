@@ -44,25 +44,31 @@ def _memory(stat, with_std):
     return format_stat({k: v / 2**20 for k, v in stat.items()}, ".0f", with_std) + " MiB"
 
 
-def table_rows(results):
+def method_cells(results, name):
+    """Each cell of one method's row, by column name: the printed table and the headline table
+    pick theirs."""
     with_std = results["config"]["seeds"] > 1
-    total_parameters = results["model"]["parameters"]
-    rows = []
-    for name, entry in results["methods"].items():
-        s = entry["summary"]
-        trainable = s["trainable_parameters"]["mean"]
-        rows.append([
-            name,
-            f"{entry['learning_rate']:.0e}",
-            f"{trainable:,.0f} ({100 * trainable / total_parameters:.2f}%)",
-            format_stat(s["examples_per_second"], ".1f", with_std),
-            _memory(s["peak_memory_bytes"], with_std),
-            format_stat(s["test_accuracy"], ".3f", with_std),
-            f"{format_stat(s['wordsim_before'], '.3f', False)} → {format_stat(s['wordsim_after'], '.3f', with_std)}",
-            format_stat(s["total_intruders"], ".1f" if with_std else ".0f", with_std),
-            format_stat(s["mean_column_space_residual"], ".1e", with_std),
-        ])
-    return rows
+    entry = results["methods"][name]
+    s = entry["summary"]
+    trainable, total = s["trainable_parameters"]["mean"], results["model"]["parameters"]
+    return {
+        "method": name,
+        "lr": f"{entry['learning_rate']:.0e}",
+        "trainable": f"{trainable:,.0f} ({100 * trainable / total:.2f}%)" if trainable < total
+        else f"{trainable:,.0f} (100%)",
+        "speed": format_stat(s["examples_per_second"], ".1f", with_std),
+        "memory": _memory(s["peak_memory_bytes"], with_std),
+        "accuracy": format_stat(s["test_accuracy"], ".3f", with_std),
+        "wordsim": f"{format_stat(s['wordsim_before'], '.3f', False)} → "
+                   f"{format_stat(s['wordsim_after'], '.3f', with_std)}",
+        "intruders": format_stat(s["total_intruders"], ".1f" if with_std else ".0f", with_std),
+        "residual": format_stat(s["mean_column_space_residual"], ".1e", with_std),
+    }
+
+
+def table_rows(results):
+    columns = ("method", "lr", "trainable", "speed", "memory", "accuracy", "wordsim", "intruders", "residual")
+    return [[method_cells(results, name)[column] for column in columns] for name in results["methods"]]
 
 
 HEADER = ["method", "lr", "trainable params", "train ex/s", "peak memory", "test acc",
@@ -84,6 +90,23 @@ def markdown_columns(header, body):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 
 
+# The headline table's method names (the README and the docs' demo page).
+DISPLAY_NAMES = {"lora": "LoRA r={r}", "lorfa": "LoRFA r={r}", "vefa": "VeFA", "full": "full fine-tuning"}
+HEADLINE_HEADER = ["method", "trainable parameters", "train examples/s", "test accuracy", "WordSim353 before → after",
+                   "intruders", "column-space residual"]
+
+
+def markdown_table(results):
+    """The default experiment's headline table, as Markdown: the README's and the demo page's."""
+    rows = []
+    for name, entry in results["methods"].items():
+        cells = method_cells(results, name)
+        rows.append([DISPLAY_NAMES[name].format(**(entry["adapter_options"] or {})), cells["trainable"],
+                     cells["speed"], cells["accuracy"], cells["wordsim"], cells["intruders"],
+                     format_stat(entry["summary"]["mean_column_space_residual"], ".1e", False)])
+    return markdown_columns(HEADLINE_HEADER, rows)
+
+
 def format_table(results):
     config = results["config"]
     seeds = f"mean ± std over {config['seeds']} seeds" if config["seeds"] > 1 else f"seed {config['seed']}"
@@ -97,6 +120,16 @@ def format_table(results):
         "for it, a square or wide full-rank weight gives 0 for every method.",
     ]
     return format_columns(HEADER, table_rows(results), notes)
+
+
+def check_same_run(parts, keys, caller):
+    """Results merged into one file must come from one configuration: ValueError naming the
+    settings in which a part differs from the first."""
+    first = parts[0]["config"]
+    for part in parts[1:]:
+        differ = [key for key in keys if part["config"].get(key) != first.get(key)]
+        if differ:
+            raise ValueError(f"{caller}: the runs differ in {', '.join(differ)}")
 
 
 # -- files -------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from . import report
 from .data import SentenceClassifier, load_encoder, load_reviews, read_wordsim
 from .probe import wordsim_spearman
 from .train import (
-    METHODS, TrainSettings, accuracy, build_model, intruder_report, layer_diagnostics, layer_to_picture, train,
+    METHODS, TrainSettings, accuracy, build_model, intruder_report, layer_diagnostics, layer_to_picture, method_for,
+    train,
 )
 
 # The train/test split stays the same for every seed, so that the spread over
@@ -40,6 +41,7 @@ class DemoConfig:
     device: str = "cpu"
     threads: object = None  # None: every core this process may use
     output_dir: str = "demo-output"
+    learning_rates: object = None  # {method: rate} replacing METHODS' rates (--lr)
 
 
 def available_cores():
@@ -159,7 +161,7 @@ def run_demo(config, log=print):
     files = {"results": str(output_dir / "results.json"), "plots": [], "adapters": {}}
     for seed in seeds:
         for name in config.methods:
-            run, model = run_method(METHODS[name], seed, encoder, tokenizer, split, pairs, wordsim_pretrained,
+            run, model = run_method(method_for(name, config.learning_rates), seed, encoder, tokenizer, split, pairs, wordsim_pretrained,
                                     settings, device)
             runs[name].append(run)
             log(f"{name} seed {seed}: accuracy {run['test_accuracy']:.3f}, WordSim353 {run['wordsim_after']:.3f}, "
@@ -174,7 +176,8 @@ def run_demo(config, log=print):
         "data": {"train_examples": len(split.train), "test_examples": len(split.test), "wordsim_pairs": len(pairs)},
         "wordsim_pretrained": wordsim_pretrained,
         "methods": {
-            name: {"learning_rate": METHODS[name].learning_rate, "adapter_options": METHODS[name].adapter_options,
+            name: {"learning_rate": method_for(name, config.learning_rates).learning_rate,
+                   "adapter_options": METHODS[name].adapter_options,
                    "summary": report.summarise(runs[name]), "runs": runs[name]}
             for name in config.methods
         },

@@ -7,6 +7,7 @@ An IntruderTracker watches the adapted layers during training.
 """
 
 import copy
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,16 @@ import featadapt
 from featadapt.analysis import DEFAULT_WATCH_EVERY, IntruderTracker
 
 from . import sequential_report
-from .data import SentenceClassifier, encoder_linear_names, load_reviews, load_speeches, read_analogies
+from .data import (
+    SentenceClassifier, encoder_linear_names, load_reviews, load_speeches, majority_share, read_analogies,
+)
 from .probe import analogy_accuracy, single_token_questions, wordsim_spearman
-from .report import mean_std, write_json
+from .report import check_same_run, mean_std, write_json
 from .run import SPLIT_SEED, describe_run, keep_first_seed_files, prepare
-from .train import METHODS, accuracy, build_model, layer_diagnostics, train
+from .train import (
+    METHODS, accuracy, build_model, failed_to_learn, layer_diagnostics, method_for, overall_progress, steps_per_run,
+    train,
+)
 
 TASKS = ("A", "B")
 TASK_NAMES = {"A": "Rotten Tomatoes (fresh vs rotten)", "B": "convention speeches (Democrat vs Republican)"}
@@ -48,6 +54,7 @@ class SequentialConfig:
     threads: object = None
     output_dir: str = "demo-output"
     watch_every: int = DEFAULT_WATCH_EVERY
+    learning_rates: object = None  # {method: rate} replacing METHODS' rates (--lr)
 
 
 def make_tracker(model, method, pretrained_encoder, every):
@@ -82,8 +89,10 @@ def probes(model, tokenizer, pairs, questions, device):
             "analogy": analogy_accuracy(model, tokenizer, questions, device)}
 
 
-def run_sequence(method, seed, encoder, tokenizer, tasks, pairs, questions, settings, device, watch_every):
-    """Task A, then task B, for one method and seed; returns (run record, model, tracker)."""
+def run_sequence(method, seed, encoder, tokenizer, tasks, pairs, questions, settings, device, watch_every,
+                 progress=None):
+    """Task A, then task B, for one method and seed; returns (run record, model).
+    progress, when given, is a bar that advances with every training step."""
     model = build_model(encoder, method, seed).to(device)
     trainable, _ = featadapt.trainable_parameters(model)
     tracker = make_tracker(model, method, encoder, watch_every)
@@ -94,8 +103,12 @@ def run_sequence(method, seed, encoder, tokenizer, tasks, pairs, questions, sett
         if heads:  # a fresh head for every task after the first
             model.head = fresh_head(model, seed + HEAD_SEED_OFFSET)
         desc = f"{method.name} seed {seed} task {task}"
-        stats = train(model, tokenizer, tasks[task].train, method, settings, device, seed, desc,
-                      on_step=lambda step: tracker.maybe_record(offset + step))
+        def on_step(step):
+            tracker.maybe_record(offset + step)
+            if progress is not None:
+                progress.update()
+
+        stats = train(model, tokenizer, tasks[task].train, method, settings, device, seed, desc, on_step=on_step)
         offset += stats.steps
         train_seconds += stats.seconds
         if tracker.records[-1]["step"] != offset:
@@ -106,6 +119,8 @@ def run_sequence(method, seed, encoder, tokenizer, tasks, pairs, questions, sett
             "steps": stats.steps,
             "train_seconds": stats.seconds,
             "examples_per_second": stats.examples_per_second,
+            "final_loss": stats.final_loss,
+            "losses": list(stats.losses),
             "accuracy": {seen: accuracy_with_head(model, heads[seen], tokenizer, tasks[seen].test, settings, device,
                                                   desc) for seen in heads},
             **probes(model, tokenizer, pairs, questions, device),
@@ -140,8 +155,9 @@ def watch_cost(runs):
     }
 
 
-def summarise(runs):
-    """Mean ± std over seeds of the numbers the table shows."""
+def summarise(runs, majority_shares):
+    """Mean ± std over seeds of the numbers the table shows, and per task how many runs failed to
+    learn it (train.failed_to_learn; majority_shares: {task: its test set's commoner-label share})."""
     def stat(pick):
         return mean_std([pick(run) for run in runs])
 
@@ -154,6 +170,8 @@ def summarise(runs):
             **{key: stat(lambda r, t=task, k=key: stage(r, t)[k])
                for key in ("wordsim", "analogy", "total_intruders", "mean_column_space_residual",
                            "examples_per_second")},
+            "failed": sum(failed_to_learn(stage(r).get("losses", ()), stage(r)["accuracy"][task],
+                                          majority_shares[task]) for r in runs),
         }
     return summary
 
@@ -174,10 +192,12 @@ def run_sequential(config, log=print):
     runs = {name: [] for name in config.methods}
     files = {"results": str(output_dir / "sequential.json"), "plots": [], "adapters": {}}
     seeds = [config.seed + i for i in range(config.seeds)]
+    steps = sum(steps_per_run(len(split.train), settings) for split in tasks.values())
+    progress = overall_progress(len(seeds) * len(config.methods) * steps, "sequential")
     for seed in seeds:
         for name in config.methods:
-            run, model = run_sequence(METHODS[name], seed, encoder, tokenizer, tasks, pairs, questions, settings,
-                                      device, config.watch_every)
+            run, model = run_sequence(method_for(name, config.learning_rates), seed, encoder, tokenizer, tasks, pairs, questions, settings,
+                                      device, config.watch_every, progress)
             runs[name].append(run)
             a, b = run["stages"]["A"], run["stages"]["B"]
             log(f"{name} seed {seed}: task A {a['accuracy']['A']:.3f} → {b['accuracy']['A']:.3f}, "
@@ -186,18 +206,21 @@ def run_sequential(config, log=print):
             if seed == seeds[0]:
                 keep_first_seed_files(name, {"layers": b["layers"]}, model, output_dir, files)
             del model
+    progress.close()
 
+    majority = {task: majority_share(split.test) for task, split in tasks.items()}
     results = {
         "experiment": "sequential",
         "config": describe_run(config),
         "tasks": {task: {"name": TASK_NAMES[task], "train_examples": len(split.train),
                          "test_examples": len(split.test),
-                         "test_majority_share": majority_share(split.test)} for task, split in tasks.items()},
+                         "test_majority_share": majority[task]} for task, split in tasks.items()},
         "probes": {"wordsim_pairs": len(pairs), "analogy_questions": len(questions)},
         "pretrained": pretrained,
         "methods": {
-            name: {"learning_rate": METHODS[name].learning_rate, "adapter_options": METHODS[name].adapter_options,
-                   "summary": summarise(runs[name]), "runs": runs[name]}
+            name: {"learning_rate": method_for(name, config.learning_rates).learning_rate,
+                   "adapter_options": METHODS[name].adapter_options,
+                   "summary": summarise(runs[name], majority), "runs": runs[name]}
             for name in config.methods
         },
         "watch_cost": watch_cost(runs),
@@ -210,7 +233,8 @@ def run_sequential(config, log=print):
 
 
 def write_plots(results, output_dir):
-    for plot in (sequential_report.plot_forgetting, sequential_report.plot_intruders_over_steps):
+    for plot in (sequential_report.plot_forgetting, sequential_report.plot_intruders_over_steps,
+                 sequential_report.plot_training_loss):
         path = str(plot(results, output_dir))
         if path not in results["files"]["plots"]:
             results["files"]["plots"].append(path)
@@ -219,7 +243,7 @@ def write_plots(results, output_dir):
 # Settings that must agree between the runs merge_seed_results puts together.
 _SAME_RUN = ("a_train_size", "a_test_size", "b_train_size", "b_test_size", "epochs", "batch_size", "max_length",
              "wordsim_pairs", "analogy_questions", "methods", "model", "device", "threads", "watch_every", "torch",
-             "featadapt", "split_seed")
+             "featadapt", "split_seed", "learning_rates")
 
 
 def merge_seed_results(parts, output_dir):
@@ -228,18 +252,16 @@ def merge_seed_results(parts, output_dir):
     recomputed; the first part's files (adapters, similarity plot) are the first seed's.
     Writes output_dir/sequential.json and returns the merged results."""
     parts = sorted(parts, key=lambda part: part["config"]["seed"])
+    check_same_run(parts, _SAME_RUN, "merge_seed_results")
     first = parts[0]
-    for part in parts[1:]:
-        differ = [key for key in _SAME_RUN if part["config"].get(key) != first["config"].get(key)]
-        if differ:
-            raise ValueError(f"merge_seed_results: the runs differ in {', '.join(differ)}")
     seeds = [run["seed"] for part in parts for run in next(iter(part["methods"].values()))["runs"]]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"merge_seed_results: seeds repeat: {seeds}")
     methods = {}
     for name, entry in first["methods"].items():
         runs = [run for part in parts for run in part["methods"][name]["runs"]]
-        methods[name] = {**entry, "summary": summarise(runs), "runs": runs}
+        majority = {task: entry["test_majority_share"] for task, entry in first["tasks"].items()}
+        methods[name] = {**entry, "summary": summarise(runs, majority), "runs": runs}
     runs = {name: entry["runs"] for name, entry in methods.items()}
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -252,11 +274,27 @@ def merge_seed_results(parts, output_dir):
         "watch_cost": watch_cost(runs),
         # The processes ran side by side: the whole took as long as the slowest.
         "wall_seconds": max(part["wall_seconds"] for part in parts),
-        "files": {**first["files"], "results": str(output_dir / "sequential.json")},
+        "files": {**copy_first_seed_files(first["files"], output_dir), "results": str(output_dir / "sequential.json")},
     }
     write_plots(results, output_dir)
     write_json(output_dir / "sequential.json", results)
     return results
+
+
+def copy_first_seed_files(files, output_dir):
+    """The first seed's adapters and pictures, copied into the merged folder (where they are not
+    there already), and the files record pointing at the copies."""
+    def adopt(path):
+        source, target = Path(path), output_dir / Path(path).name
+        if source.resolve() != target.resolve():
+            if source.is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, target)
+        return str(target)
+
+    return {**files, "adapters": {name: adopt(path) for name, path in files["adapters"].items()},
+            "plots": [adopt(path) for path in files["plots"]]}
 
 
 def spread(items, count):
@@ -265,9 +303,3 @@ def spread(items, count):
     if count is None or count >= len(items):
         return list(items)
     return [items[i * len(items) // count] for i in range(count)]
-
-
-def majority_share(examples):
-    """The accuracy of always answering the commonest label: what an accuracy must beat."""
-    labels = [label for _, label in examples]
-    return max(labels.count(label) for label in set(labels)) / len(labels)

@@ -1,5 +1,7 @@
 """Fine-tuning one method and measuring it: accuracy, speed, memory, layer diagnostics."""
 
+import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -34,6 +36,14 @@ METHODS = {
     "vefa": Method("vefa", 1e-2, {}),
     "full": Method("full", 3e-5, None),
 }
+
+
+def method_for(name, learning_rates=None):
+    """METHODS[name], at the rate `learning_rates` ({name: rate}, from --lr) gives it, if any."""
+    rate = (learning_rates or {}).get(name)
+    return METHODS[name] if rate is None else dataclasses.replace(METHODS[name], learning_rate=rate)
+
+
 HEAD_LEARNING_RATE = 2e-3  # the fresh 2-class head, the same for every method
 WARMUP_SHARE = 0.1
 
@@ -88,6 +98,7 @@ class TrainStats:
     examples_per_second: float
     peak_memory_bytes: object  # int on CUDA, None where it is not measured (CPU)
     final_loss: float
+    losses: tuple = ()  # every step's training loss: how a run that failed went wrong
 
 
 def _reset_peak_memory(device):
@@ -109,13 +120,12 @@ def train(model, tokenizer, examples, method, settings, device, seed, desc="", o
     on_step(step), when given, is called after each optimizer step (step = 1, 2, ...),
     outside the timed part: the intruder watch runs there and times itself.
     """
-    steps_per_epoch = -(-len(examples) // settings.batch_size)
-    total_steps = settings.epochs * steps_per_epoch
+    total_steps = steps_per_run(len(examples), settings)
     optimizer, schedule = make_optimizer(model, method, total_steps)
     rng = random.Random(seed)
     model.train()
     _reset_peak_memory(device)
-    step, seen, seconds, last_loss = 0, 0, 0.0, float("nan")
+    step, seen, seconds, losses = 0, 0, 0.0, []
     with tqdm(total=total_steps, desc=f"train {desc}", unit="step", leave=False) as bar:
         for _ in range(settings.epochs):
             for texts, labels in batches(examples, settings.batch_size, rng):
@@ -131,13 +141,41 @@ def train(model, tokenizer, examples, method, settings, device, seed, desc="", o
                 seconds += time.perf_counter() - start
                 step += 1
                 seen += len(texts)
-                last_loss = loss.item()
-                bar.set_postfix(loss=f"{last_loss:.3f}")
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
                 if on_step is not None:
                     on_step(step)
     model.eval()
-    return TrainStats(total_steps, seconds, seen / seconds, _peak_memory(device), last_loss)
+    final_loss = losses[-1] if losses else float("nan")
+    return TrainStats(total_steps, seconds, seen / seconds, _peak_memory(device), final_loss, tuple(losses))
+
+
+# A run failed to learn its task when it ends no better than a constant answer: a training
+# loss (over its last tenth of steps) above ln 2, the loss of answering 50/50, or a test
+# accuracy within CHANCE_MARGIN of always answering the commoner label. The second catches
+# a run whose encoder collapsed: its loss sits just under ln 2 while it predicts one label.
+CHANCE_LOSS = math.log(2)
+CHANCE_MARGIN = 0.05
+
+
+def failed_to_learn(losses, test_accuracy, majority_share):
+    """Whether a run failed to learn its task (see CHANCE_LOSS and CHANCE_MARGIN); a loss that is
+    not finite counts as failing."""
+    if not all(math.isfinite(loss) for loss in losses):
+        return True
+    tail = losses[-max(1, len(losses) // 10):]
+    return (bool(tail) and sum(tail) / len(tail) > CHANCE_LOSS) or test_accuracy <= majority_share + CHANCE_MARGIN
+
+
+def steps_per_run(train_size, settings):
+    return settings.epochs * -(-train_size // settings.batch_size)
+
+
+def overall_progress(total_steps, desc):
+    """The bar over a whole experiment (every method, seed and task), with its ETA; each
+    training run's own bar shows beneath it and goes when the run ends."""
+    return tqdm(total=total_steps, desc=desc, unit="step", position=0, leave=True, smoothing=0.05)
 
 
 @torch.no_grad()

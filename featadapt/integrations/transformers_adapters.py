@@ -22,7 +22,12 @@ _GUARDED = "_featadapt_peft_version_guard"
 
 
 class PeftVersionError(ValueError):
-    """transformers' adapter methods need a newer peft than the one installed."""
+    """transformers' adapter methods need a newer peft than the one installed.
+
+    A ``ValueError``, raised by transformers' ``model.add_adapter`` and
+    ``load_adapter`` on a VeFA or LoRFA config when the installed pair does not
+    work; the message names both versions (see `adapter_methods_unsupported_reason`).
+    """
 
 
 def _versions():
@@ -38,8 +43,17 @@ def _versions():
 
 
 def adapter_methods_unsupported_reason():
-    """None when transformers' adapter methods work with the installed peft,
-    else why not, with both versions and what to use instead."""
+    """Why transformers' own adapter methods do not work with the installed peft, if they do not.
+
+    transformers' ``model.add_adapter``, ``load_adapter`` and ``set_adapter``
+    accept only the peft releases that transformers names (from transformers
+    5.24 on: peft 0.22 or newer). PEFT's own API (``get_peft_model``,
+    ``PeftModel.from_pretrained``) works either way.
+
+    Returns:
+        str or None: None where the pair works; else the message that
+        `PeftVersionError` carries, with both versions and what to use instead.
+    """
     from packaging.version import Version
 
     transformers_version, required, installed = _versions()

@@ -27,7 +27,7 @@ if LOAD_ERROR is not None:
     IMPORT_ERROR = LOAD_ERROR
 elif NO_CUDA_REASON is not None:
     IMPORT_ERROR = (f"featadapt._C was built without its CUDA kernels ({NO_CUDA_REASON}): rebuild it with a CUDA "
-                    "toolkit (CUDA_HOME) and a CUDA build of torch (see the README)")
+                    "toolkit (CUDA_HOME) and a CUDA build of torch (see docs/cuda-extension.md)")
 else:
     IMPORT_ERROR = None
 

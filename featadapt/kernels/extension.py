@@ -12,7 +12,7 @@ import importlib.util
 NOT_BUILT = (
     "the extension featadapt._C is not built: install from source with torch importable "
     "(pip install --no-build-isolation .) and without FEATADAPT_SKIP_EXTENSION=1; its CUDA kernels also "
-    "need a CUDA toolkit (CUDA_HOME) and a CUDA build of torch (see the README)"
+    "need a CUDA toolkit (CUDA_HOME) and a CUDA build of torch (see docs/cuda-extension.md)"
 )
 
 

@@ -200,9 +200,30 @@ class AdapterLinear(AdapterLayer):
 
 
 class VeFALinear(AdapterLinear):
-    """VeFA: ``y = base((x ⊙ scale + shift))``; scale starts at 1, shift at 0.
+    """VeFA: ``y = base(x ⊙ scale + shift)``; scale starts at 1, shift at 0.
 
-    The effective weight ``W0 · diag(scale)`` stays in W0's column space.
+    The effective weight ``W0 · diag(scale)`` stays in W0's column space. The
+    layer computes with `featadapt.vefa_linear`; the base layer is frozen and
+    kept as ``base_layer``.
+
+    Args:
+        base_layer: an ``nn.Linear`` or transformers' ``Conv1D``.
+        shift: also train a per-feature shift (merged into the bias).
+        backend: the ops' backend (see `featadapt.vefa_linear`); None: automatic.
+        dtype: the adapter parameters' dtype; None: the base weight's, but
+            float32 on a half-precision base.
+
+    Attributes:
+        scale: ``(in_features,)``, trainable, starts at 1.
+        shift: ``(in_features,)``, trainable, starts at 0; None without ``shift=True``.
+
+    Raises:
+        TypeError: a base layer of another type, or a subclass with its own ``forward``.
+
+    Example:
+        >>> layer = featadapt.VeFALinear(nn.Linear(16, 32), shift=True)
+        >>> layer.scale.shape, layer.merged
+        (torch.Size([16]), False)
     """
 
     method = "vefa"
@@ -265,10 +286,34 @@ class _LowRankLinear(AdapterLinear):
         return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
 
-class LoRFALinear(_LowRankLinear):
-    """LoRFA: ``y = base(x + γ · dropout(x) Aᵀ Bᵀ)`` with B (in_features, r) starting at 0.
+_LOW_RANK_ARGS = """
+    Args:
+        base_layer: an ``nn.Linear`` or transformers' ``Conv1D``.
+        r: the rank, an integer in ``[1, in_features]``.
+        alpha: ``γ = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+        dropout: the dropout probability on the adapter's input, in training mode.
+        rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        backend: the ops' backend (see `featadapt.vefa_linear`); None: automatic.
+        dtype: the adapter parameters' dtype; None: the base weight's, but
+            float32 on a half-precision base.
 
-    The effective weight ``W0 (I + γ B A)`` stays in W0's column space.
+    Attributes:
+        lora_A: ``(r, in_features)``, trainable, initialised as ``nn.Linear``'s weight.
+        lora_B: ``({b_rows}, r)``, trainable, starts at 0, so the layer starts equal to its base.
+        scaling: ``γ``.
+
+    Raises:
+        ValueError: ``r``, ``alpha`` or ``dropout`` out of range.
+        TypeError: a base layer of another type, or a subclass with its own ``forward``.
+"""
+
+
+class LoRFALinear(_LowRankLinear):
+    """LoRFA: ``y = base(x + γ · dropout(x) Aᵀ Bᵀ)``.
+
+    The effective weight ``W0 (I + γ B A)`` stays in W0's column space. The
+    layer computes with `featadapt.lorfa_linear`; the base layer is frozen
+    and kept as ``base_layer``.
     """
 
     method = "lorfa"
@@ -290,8 +335,15 @@ class LoRFALinear(_LowRankLinear):
         return w0 + self.scaling * ((w0 @ B) @ A)  # never forms the K×K matrix B A
 
 
+LoRFALinear.__doc__ += _LOW_RANK_ARGS.format(b_rows="in_features")
+
+
 class LoRALinear(_LowRankLinear):
-    """LoRA (the baseline): ``y = base(x) + γ · dropout(x) Aᵀ Bᵀ`` with B (out_features, r) starting at 0."""
+    """LoRA (the baseline): ``y = base(x) + γ · dropout(x) Aᵀ Bᵀ``.
+
+    The layer computes with `featadapt.lora_linear`; the base layer is frozen
+    and kept as ``base_layer``.
+    """
 
     method = "lora"
 
@@ -310,5 +362,7 @@ class LoRALinear(_LowRankLinear):
         A, B = self._factors(dtype)
         return w0.to(dtype) + self.scaling * (B @ A)
 
+
+LoRALinear.__doc__ += _LOW_RANK_ARGS.format(b_rows="out_features")
 
 ADAPTER_CLASSES = {cls.method: cls for cls in (VeFALinear, LoRFALinear, LoRALinear)}

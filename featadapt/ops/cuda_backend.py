@@ -4,7 +4,7 @@ featadapt's epilogues, sm_90a kernels on Hopper and sm_80 ones elsewhere.
 
 Automatic dispatch picks it only where the dispatch table lists a
 measurement that shows it correct and faster (dispatch_table.py); its
-kernels have not yet run on a GPU (README, "CUDA extension").
+kernels have not yet run on a GPU (docs/cuda-extension.md).
 
 What CUTLASS cannot take is reported here, before anything launches
 (`layout_reasons`), and `make test` checks it against the extension's own

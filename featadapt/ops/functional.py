@@ -57,13 +57,38 @@ def _dispatch(op, backend, autocasting, x, weight, bias, params, extra=()):
 def vefa_linear(x, weight, scale, bias=None, shift=None, *, adapter_index=None, backend=None):
     """VeFA: ``y = (x ⊙ scale + shift) weightᵀ + bias``.
 
-    x is (..., K), weight (N, K) and frozen, bias (N,), scale and shift (K,).
     Gradients flow to x, scale and shift (and to weight and bias if they
-    require grad). The result has x's dtype.
+    require grad). x may be float32, float16, bfloat16 or float64, with any
+    number of leading dimensions and any strides; the adapter parameters may
+    have another floating dtype (float32 on bfloat16 activations is the common
+    case). Under ``torch.autocast`` the frozen matmul runs in autocast's dtype,
+    as ``F.linear`` would.
 
-    Many adapters in one batch: with ``adapter_index`` (integer ids of shape
-    x.shape[:-1]), scale and shift are (n, K), one row per adapter, and row i
-    of x uses adapter ``adapter_index[i]``; id -1 gives the base layer's output.
+    Args:
+        x: the input, ``(..., K)``.
+        weight: the frozen weight ``W0``, ``(N, K)``.
+        scale: the per-feature scale ``s``, ``(K,)``; ``(n, K)`` with ``adapter_index``.
+        bias: the frozen bias, ``(N,)``, or None.
+        shift: the per-feature shift ``t``, like `scale`, or None.
+        adapter_index: many adapters in one batch: integer ids of shape
+            ``x.shape[:-1]``, row i of x using adapter ``adapter_index[i]`` (a
+            row of `scale` and `shift`); id -1 gives the base layer's output.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"reference"``;
+            None: the ``FEATADAPT_BACKEND`` environment variable, else automatic.
+
+    Returns:
+        torch.Tensor: ``(..., N)``, in x's dtype.
+
+    Raises:
+        ValueError: a wrong shape, device or id (the message names the
+            argument, the expected and the actual value).
+        TypeError: a wrong dtype or argument type.
+        BackendUnavailableError: a backend asked for by name cannot run this call.
+
+    Example:
+        >>> x, weight = torch.randn(4, 16), torch.randn(32, 16)
+        >>> featadapt.vefa_linear(x, weight, torch.ones(16)).shape
+        torch.Size([4, 32])
     """
     op = "vefa_linear"
     x, weight, bias, autocasting = _autocast(x, weight, bias)
@@ -104,40 +129,53 @@ def _low_rank(op, name, b_rows, x, weight, lora_A, lora_B, bias, scaling, dropou
     return _dispatch(op, backend, autocasting, x, weight, bias, (lora_A, lora_B), (scaling, dropout_p, seed))
 
 
-_INDEXED_LOW_RANK_DOC = """
-    Many adapters in one batch: with ``adapter_index`` (integer ids of shape
-    x.shape[:-1]), lora_A is (n, r, K) and lora_B ({b_shape}), one adapter per
-    leading index, scaling a float or an (n,) tensor (not differentiated), and
-    row i of x uses adapter ``adapter_index[i]``; id -1 gives the base layer's
-    output. Dropout (one p for all) draws one mask over x.
+_LOW_RANK_DOC = """
+
+    Gradients flow to x, lora_A and lora_B (and to weight and bias if they
+    require grad). Dtypes, strides, leading dimensions and autocast as for
+    `vefa_linear`.
+
+    Args:
+        x: the input, ``(..., K)``.
+        weight: the frozen weight ``W0``, ``(N, K)``.
+        lora_A: ``(r, K)``; ``(n, r, K)`` with ``adapter_index``.
+        lora_B: ``({b_rows}, r)``; ``(n, {b_rows}, r)`` with ``adapter_index``.
+        bias: the frozen bias, ``(N,)``, or None.
+        scaling: ``γ`` (``alpha / r`` in the modules); with ``adapter_index``
+            also an ``(n,)`` tensor (not differentiated).
+        dropout_p: the dropout probability of ``x̂``, applied whenever it is
+            above 0 (the modules pass 0 in eval mode).
+        adapter_index: many adapters in one batch: integer ids of shape
+            ``x.shape[:-1]``, row i of x using adapter ``adapter_index[i]``;
+            id -1 gives the base layer's output. Dropout draws one mask over x.
+        backend: as for `vefa_linear`.
+
+    Returns:
+        torch.Tensor: ``(..., N)``, in x's dtype.
+
+    Raises:
+        ValueError: a wrong shape, rank, device, id or dropout probability
+            (the message names the argument, the expected and the actual value).
+        TypeError: a wrong dtype or argument type.
+        BackendUnavailableError: a backend asked for by name cannot run this call.
 """
 
 
 def lorfa_linear(x, weight, lora_A, lora_B, bias=None, *, scaling=1.0, dropout_p=0.0, adapter_index=None,
                  backend=None):
-    """LoRFA: ``u = x̂ lora_Aᵀ``, ``x̃ = x + scaling · u lora_Bᵀ``, ``y = x̃ weightᵀ + bias``.
-
-    x is (..., K), weight (N, K) and frozen, lora_A (r, K), lora_B (K, r).
-    ``x̂`` is x after dropout with probability dropout_p (applied whenever
-    dropout_p > 0; modules pass 0 in eval mode). The result has x's dtype.
-    """
+    """LoRFA: ``u = x̂ lora_Aᵀ``, ``x̃ = x + scaling · u lora_Bᵀ``, ``y = x̃ weightᵀ + bias``."""
     return _low_rank("lorfa", "lorfa_linear", "K", x, weight, lora_A, lora_B, bias, scaling, dropout_p,
                      adapter_index, backend)
 
 
-lorfa_linear.__doc__ += _INDEXED_LOW_RANK_DOC.format(b_shape="n, K, r")
+lorfa_linear.__doc__ += _LOW_RANK_DOC.format(b_rows="K")
 
 
 def lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling=1.0, dropout_p=0.0, adapter_index=None,
                 backend=None):
-    """LoRA: ``u = x̂ lora_Aᵀ``, ``y = x weightᵀ + bias + scaling · u lora_Bᵀ``.
-
-    x is (..., K), weight (N, K) and frozen, lora_A (r, K), lora_B (N, r).
-    ``x̂`` is x after dropout with probability dropout_p (applied whenever
-    dropout_p > 0; modules pass 0 in eval mode). The result has x's dtype.
-    """
+    """LoRA: ``u = x̂ lora_Aᵀ``, ``y = x weightᵀ + bias + scaling · u lora_Bᵀ``."""
     return _low_rank("lora", "lora_linear", "N", x, weight, lora_A, lora_B, bias, scaling, dropout_p,
                      adapter_index, backend)
 
 
-lora_linear.__doc__ += _INDEXED_LOW_RANK_DOC.format(b_shape="n, N, r")
+lora_linear.__doc__ += _LOW_RANK_DOC.format(b_rows="N")

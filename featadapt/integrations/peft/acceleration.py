@@ -35,12 +35,25 @@ def _check_backend(owner, backend):
 
 
 def set_backend(model, backend):
-    """Make every featadapt layer in `model` that runs a fused op (VeFA/LoRFA
-    PEFT layers on nn.Linear and Conv1D, and layers run by `accelerate`) call
-    it with `backend`: a name ("torch", "triton", ...), "auto", or None for
-    FEATADAPT_BACKEND, else automatic (the default). Layers on quantized and
-    convolution bases always compute with torch ops and are left as they are.
-    Returns how many layers it set."""
+    """Choose the backend of every featadapt layer in `model` that runs a fused op.
+
+    That is the VeFA and LoRFA PEFT layers on ``nn.Linear`` and ``Conv1D``, and
+    the layers run by `accelerate`. Layers on quantized and convolution bases
+    always compute with torch ops and are left as they are.
+
+    Args:
+        model: a ``PeftModel`` or any module holding such layers.
+        backend: a backend name (``"torch"``, ``"triton"``, ...), ``"auto"``, or
+            None: the ``FEATADAPT_BACKEND`` environment variable, else automatic
+            (the default).
+
+    Returns:
+        int: how many layers it set.
+
+    Raises:
+        TypeError: `backend` is not a string or None.
+        ValueError: an unknown backend name.
+    """
     backend = _check_backend("set_backend", backend)
     count = 0
     for module in model.modules():
@@ -61,8 +74,12 @@ def set_backend(model, backend):
 
 @dataclass
 class AccelerationReport:
-    """What `accelerate` did: the layers now on featadapt's fused ops, and the
-    PEFT layers it left alone with the reason (module name -> reason)."""
+    """What `accelerate` did; ``print(report)`` lists it.
+
+    Attributes:
+        accelerated: the names of the layers now on featadapt's fused ops.
+        skipped: ``{module name: reason}`` for the PEFT layers left alone.
+    """
 
     accelerated: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
@@ -198,20 +215,32 @@ class _FusedForward:
 def accelerate(model, *, backend=None):
     """Run the PEFT IA3 (feedforward) and LoRA Linear layers of `model` on featadapt's fused ops, in place.
 
-    `model` is a PeftModel or any module with PEFT layers injected. An IA3
-    layer in feedforward mode computes ``base(x * ia3_l)``, which is VeFA
-    without shift (`vefa_linear`); a plain LoRA Linear layer is `lora_linear`
-    with the layer's scaling and dropout p. Results equal PEFT's own forward
-    up to rounding. A mixed-adapter batch (``adapter_names=[...]``) on a LoRA
-    layer runs as one batched `lora_linear` call with ``adapter_index``.
-    Layers that are merged, have adapters disabled, or run several adapters
-    at once fall back to PEFT's forward at call time. Layers
-    it cannot take (IA3 on outputs, DoRA or other LoRA variants, lora_bias,
-    Conv/Embedding/quantized/Conv1D layers, several active adapters, a forward
-    already replaced by someone else) are left alone and listed in the report.
+    An IA3 layer in feedforward mode computes ``base(x * ia3_l)``, which is VeFA
+    without shift (`featadapt.vefa_linear`); a plain LoRA Linear layer is
+    `featadapt.lora_linear` with the layer's scaling and dropout. Results equal
+    PEFT's own forward up to rounding. A mixed-adapter batch
+    (``adapter_names=[...]``) on a LoRA layer runs as one batched call with
+    ``adapter_index``. Layers that are merged, have adapters disabled, or run
+    several adapters at once fall back to PEFT's forward at call time. Layers it
+    cannot take (IA3 on outputs, DoRA and other LoRA variants, ``lora_bias``,
+    Conv, Embedding, quantized or Conv1D layers, a forward already replaced by
+    someone else) are left alone and listed in the report. `restore` undoes it.
 
-    backend: the featadapt backend for these calls (None: FEATADAPT_BACKEND or automatic).
-    Returns an AccelerationReport. `restore(model)` undoes it.
+    Args:
+        model: a ``PeftModel``, or any module with PEFT layers injected.
+        backend: the featadapt backend for these calls; None: the
+            ``FEATADAPT_BACKEND`` environment variable, else automatic.
+
+    Returns:
+        AccelerationReport: the layers accelerated and those skipped, with why.
+
+    Raises:
+        TypeError: `model` is not an ``nn.Module``, or `backend` not a string.
+        ValueError: an unknown backend name.
+
+    Example:
+        >>> report = accelerate(get_peft_model(model, LoraConfig(r=8, target_modules=["query"])))
+        >>> print(report)      # how many layers, and each one skipped with the reason
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be a torch.nn.Module (e.g. a PeftModel), got {type(model).__name__}")
@@ -247,7 +276,11 @@ def accelerate(model, *, backend=None):
 
 
 def restore(model):
-    """Undo `accelerate`: the layers run PEFT's own forward again. Returns their names."""
+    """Undo `accelerate`: the layers run PEFT's own forward again.
+
+    Returns:
+        list[str]: the names of the layers restored.
+    """
     restored = []
     for name, module in model.named_modules():
         if isinstance(module.__dict__.get("forward"), _FusedForward):

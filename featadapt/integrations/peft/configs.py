@@ -84,6 +84,9 @@ class VeFAConfig(_TargetedConfig):
         init_weights: True (default) starts at the identity (scale 1, shift 0);
             False draws random values, for tests only.
         modules_to_save, layers_to_transform, layers_pattern: as in PEFT's LoRA.
+
+    Example:
+        >>> model = get_peft_model(base_model, VeFAConfig(target_modules=["query", "value"], shift=True))
     """
 
     shift: bool = field(default=False, metadata={"help": "Also learn a per-input-channel shift t (starts at 0)."})
@@ -120,6 +123,9 @@ class LoRFAConfig(_TargetedConfig):
         init_weights: True (default) starts at the identity (B = 0); False
             draws a random B too, for tests only.
         modules_to_save, layers_to_transform, layers_pattern: as in PEFT's LoRA.
+
+    Example:
+        >>> model = get_peft_model(base_model, LoRFAConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     """
 
     r: int = field(default=8, metadata={"help": "The rank, an integer in [1, in_features]."})
