@@ -380,7 +380,12 @@ def test_lr_sweep_parts_merge(quick_sweep, tmp_path):
     (extra_point,) = extra["methods"]["vefa"]["points"][:1]
     extra_point["learning_rate"] = 8e-2
     extra["methods"]["vefa"]["points"] = [extra_point]
+    # Seeds 0 and 1 ran side by side for 100 s; the extra rate ran later for 30 s.
+    results["config"]["date"], results["wall_seconds"] = "2026-01-01T10:00:00+00:00", 100.0
+    other["config"]["date"], other["wall_seconds"] = "2026-01-01T10:00:05+00:00", 100.0
+    extra["config"]["date"], extra["wall_seconds"] = "2026-01-01T11:00:00+00:00", 30.0
     merged = merge_sweep_results([other, results, extra], tmp_path / "merged")
+    assert merged["wall_seconds"] == pytest.approx(135.0)
     points = merged["methods"]["vefa"]["points"]
     assert [p["learning_rate"] for p in points] == pytest.approx([5e-3, 2e-2, 8e-2])
     assert [p["seeds"] for p in points] == [[0, 1], [0, 1], [0]]
@@ -395,6 +400,18 @@ def test_lr_sweep_parts_merge(quick_sweep, tmp_path):
     other["config"]["max_length"] = 32
     with pytest.raises(ValueError, match="the runs differ in max_length"):
         merge_sweep_results([results, other], tmp_path / "bad")
+
+
+def test_elapsed_seconds_counts_side_by_side_parts_once():
+    from featadapt.demo.report import elapsed_seconds
+
+    def part(end, seconds):
+        return {"date": f"2026-01-01T{end}+00:00", "wall_seconds": seconds}
+
+    assert elapsed_seconds([part("10:00:00", 60.0)]) == pytest.approx(60.0)
+    assert elapsed_seconds([part("10:00:00", 60.0), part("10:00:00", 50.0)]) == pytest.approx(60.0)  # side by side
+    assert elapsed_seconds([part("10:00:00", 60.0), part("10:05:00", 60.0)]) == pytest.approx(120.0)  # one, then another
+    assert elapsed_seconds([part("10:00:30", 60.0), part("10:00:00", 60.0)]) == pytest.approx(90.0)  # overlapping
 
 
 def test_failed_to_learn_reads_the_loss_curve_and_the_accuracy():

@@ -1,5 +1,6 @@
 """Summaries over seeds, the printed table, results.json and the two plots."""
 
+import datetime
 import json
 import math
 
@@ -130,6 +131,19 @@ def check_same_run(parts, keys, caller):
         differ = [key for key in keys if part["config"].get(key) != first.get(key)]
         if differ:
             raise ValueError(f"{caller}: the runs differ in {', '.join(differ)}")
+
+
+def elapsed_seconds(parts):
+    """The wall-clock time a merged experiment took: the union of its parts' spans, each ending
+    at its "date" and lasting its "wall_seconds". Parts run side by side count once (the
+    slowest), parts run one after another add up."""
+    spans = sorted((end - part["wall_seconds"], end) for part in parts
+                   for end in [datetime.datetime.fromisoformat(part["date"]).timestamp()])
+    total, covered_until = 0.0, -math.inf
+    for start, end in spans:
+        total += max(0.0, end - max(start, covered_until))
+        covered_until = max(covered_until, end)
+    return total
 
 
 # -- files -------------------------------------------------------------------------

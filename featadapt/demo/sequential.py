@@ -23,7 +23,7 @@ from .data import (
     SentenceClassifier, encoder_linear_names, load_reviews, load_speeches, majority_share, read_analogies,
 )
 from .probe import analogy_accuracy, single_token_questions, wordsim_spearman
-from .report import check_same_run, mean_std, write_json
+from .report import check_same_run, elapsed_seconds, mean_std, write_json
 from .run import SPLIT_SEED, describe_run, keep_first_seed_files, prepare
 from .train import (
     METHODS, accuracy, build_model, failed_to_learn, layer_diagnostics, method_for, overall_progress, steps_per_run,
@@ -263,17 +263,17 @@ def merge_seed_results(parts, output_dir):
         majority = {task: entry["test_majority_share"] for task, entry in first["tasks"].items()}
         methods[name] = {**entry, "summary": summarise(runs, majority), "runs": runs}
     runs = {name: entry["runs"] for name, entry in methods.items()}
+    records = [{"seed": part["config"]["seed"], "date": part["config"]["date"], "wall_seconds": part["wall_seconds"]}
+               for part in parts]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {
         **first,
         "config": {**first["config"], "seeds": len(seeds), "output_dir": str(output_dir),
-                   "parallel_seed_processes": [{"seed": part["config"]["seed"], "date": part["config"]["date"],
-                                                "wall_seconds": part["wall_seconds"]} for part in parts]},
+                   "parallel_seed_processes": records},
         "methods": methods,
         "watch_cost": watch_cost(runs),
-        # The processes ran side by side: the whole took as long as the slowest.
-        "wall_seconds": max(part["wall_seconds"] for part in parts),
+        "wall_seconds": elapsed_seconds(records),
         "files": {**copy_first_seed_files(first["files"], output_dir), "results": str(output_dir / "sequential.json")},
     }
     write_plots(results, output_dir)

@@ -15,7 +15,7 @@ import featadapt
 from .data import SentenceClassifier, load_reviews, majority_share
 from .probe import wordsim_spearman
 from .report import (
-    check_same_run, format_columns, format_stat, markdown_columns, mean_std, save_figure, write_json,
+    check_same_run, elapsed_seconds, format_columns, format_stat, markdown_columns, mean_std, save_figure, write_json,
 )
 from .run import SPLIT_SEED, describe_run, prepare
 from .train import (
@@ -158,17 +158,16 @@ def merge_sweep_results(parts, output_dir):
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     seeds = sorted({seed for entry in methods.values() for point in entry["points"] for seed in point["seeds"]})
+    records = [{"seed": part["config"]["seed"], "seeds": part["config"]["seeds"],
+                "lr_factors": part["config"]["lr_factors"], "methods": list(part["methods"]),
+                "date": part["config"]["date"], "wall_seconds": part["wall_seconds"]} for part in parts]
     results = {
         **first,
         "config": {**first["config"], "seed": seeds[0], "seeds": len(seeds), "output_dir": str(output_dir),
                    "lr_factors": sorted({round(p["factor"], 6) for e in methods.values() for p in e["points"]}),
-                   "parts": [{"seed": part["config"]["seed"], "seeds": part["config"]["seeds"],
-                              "lr_factors": part["config"]["lr_factors"], "methods": list(part["methods"]),
-                              "date": part["config"]["date"], "wall_seconds": part["wall_seconds"]}
-                             for part in parts]},
+                   "parts": records},
         "methods": methods,
-        # The parts ran side by side: the whole took as long as the slowest.
-        "wall_seconds": max(part["wall_seconds"] for part in parts),
+        "wall_seconds": elapsed_seconds(records),
         "files": {"results": str(output_dir / "lr_sweep.json"), "plots": [str(output_dir / "lr_frontier.png")]},
     }
     plot_frontier(results, output_dir / "lr_frontier.png")
@@ -237,8 +236,9 @@ def plot_frontier(results, path):
         axes.set_xlabel("WordSim353 Spearman after fine-tuning (higher = less forgotten)")
         axes.set_ylabel("Rotten Tomatoes test accuracy")
     seeds = results["config"]["seeds"]
-    whole.set_title(f"Accuracy vs retained word similarity over learning rates (* = default; "
-                    f"mean ± std, {seeds} seed{'s' if seeds > 1 else ''})", fontsize="medium")
+    figure.suptitle(f"Test accuracy against retained word similarity, each method over its learning rates "
+                    f"(* = default; mean ± std, {seeds} seed{'s' if seeds > 1 else ''})", fontsize="medium")
+    whole.set_title("every learning rate", fontsize="medium")
     zoom.set_title(f"zoomed: points within {ZOOM_WORDSIM_DROP} of the pretrained WordSim353", fontsize="medium")
     whole.legend(fontsize="small")
     save_figure(figure, path)
