@@ -368,7 +368,7 @@ def test_lr_sweep_parts_merge(quick_sweep, tmp_path):
 
     from featadapt.demo.sweep import merge_sweep_results, table_rows
 
-    _, results = quick_sweep
+    results = copy.deepcopy(quick_sweep[1])  # the fixture is shared: its copy gets dates below
     other = copy.deepcopy(results)  # seed 1 at the same two rates, with other accuracies
     other["config"]["seed"] = 1
     for point in other["methods"]["vefa"]["points"]:

@@ -137,10 +137,12 @@ def elapsed_seconds(parts):
     """The wall-clock time a merged experiment took: the union of its parts' spans, each ending
     at its "date" and lasting its "wall_seconds". Parts run side by side count once (the
     slowest), parts run one after another add up."""
-    spans = sorted((end - part["wall_seconds"], end) for part in parts
-                   for end in [datetime.datetime.fromisoformat(part["date"]).timestamp()])
+    spans = []
+    for part in parts:
+        end = datetime.datetime.fromisoformat(part["date"]).timestamp()
+        spans.append((end - part["wall_seconds"], end))
     total, covered_until = 0.0, -math.inf
-    for start, end in spans:
+    for start, end in sorted(spans):
         total += max(0.0, end - max(start, covered_until))
         covered_until = max(covered_until, end)
     return total
