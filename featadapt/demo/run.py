@@ -121,6 +121,8 @@ def describe_run(config):
         "split_seed": SPLIT_SEED,
         "torch": torch.__version__,
         "featadapt": featadapt.__version__,
+        # Stamped when a run has trained (each experiment calls this at its end): merging seeds
+        # or parts reads it as the part's end (report.elapsed_seconds).
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
